@@ -1,0 +1,89 @@
+//! Beta schedules, their derived tables, timestep respacing, and the Gaussian diffusion process.
+//!
+//! This is the "scheduler" half of openai/improved-diffusion, ported to Rust and Candle:
+//! [`BetaSchedule`] makes betas, [`Schedule`] holds every table the original derives from them
+//! (in f64, as the original does), [`space_timesteps`] and [`Schedule::respace`] build the
+//! shortened schedules used for fast sampling, and [`GaussianDiffusion`] runs the forward and
+//! reverse processes on tensors. It never depends on a particular network: model outputs come in
+//! as tensors or through a closure.
+
+mod beta;
+mod diffusion;
+mod noise;
+mod respace;
+mod sampling;
+mod tables;
+
+pub use beta::BetaSchedule;
+pub use diffusion::{
+    DiffusionConfig, GaussianDiffusion, LossTerms, LossType, MeanVariance, ModelMeanType,
+    ModelVarType, PMeanVariance, PosteriorMeanVariance,
+};
+pub use noise::{randn, FixedNoise, NoiseSource, RngNoise};
+pub use respace::{space_timesteps, SpacedSchedule};
+pub use sampling::{BpdTerms, SampleStep, Sampler, StepOutput};
+pub use tables::Schedule;
+
+/// Errors raised while building schedules or running the diffusion process.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// A beta schedule name that is not known.
+    #[error("unknown beta schedule {0:?} (expected \"linear\" or \"cosine\")")]
+    UnknownSchedule(String),
+    /// A schedule with no steps.
+    #[error("a schedule needs at least one timestep")]
+    Empty,
+    /// A beta outside (0, 1].
+    #[error("beta[{index}] = {value} is outside (0, 1]")]
+    BetaOutOfRange {
+        /// Position of the bad beta.
+        index: usize,
+        /// Its value.
+        value: f64,
+    },
+    /// A respacing specification that cannot be satisfied or parsed.
+    #[error("invalid respacing {spec:?} for {num_timesteps} steps: {reason}")]
+    Respacing {
+        /// The specification as given.
+        spec: String,
+        /// The number of steps of the schedule being respaced.
+        num_timesteps: usize,
+        /// Why it cannot work.
+        reason: String,
+    },
+    /// A kept timestep that is not inside the schedule.
+    #[error("timestep {timestep} is outside a schedule of {num_timesteps} steps")]
+    TimestepOutOfRange {
+        /// The offending timestep.
+        timestep: usize,
+        /// Length of the schedule.
+        num_timesteps: usize,
+    },
+    /// A setting name that is not known.
+    #[error("unknown {what} {value:?} (expected one of {expected})")]
+    UnknownSetting {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// The accepted values.
+        expected: &'static str,
+    },
+    /// Tensors or timesteps whose shapes do not fit together.
+    #[error("{op}: {detail}")]
+    Shape {
+        /// The operation that found the problem.
+        op: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// An error from the distribution helpers.
+    #[error(transparent)]
+    Math(#[from] ddpm_math::MathError),
+    /// An error from Candle itself.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, ScheduleError>;

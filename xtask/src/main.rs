@@ -1,0 +1,70 @@
+//! `cargo xtask`: project automation for ddpm-rs (reference checks, datasets, training runs,
+//! golden tests and benchmarks).
+
+mod reference;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ddpm-rs project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the port against cases computed by the original Python implementation.
+    ReferenceCheck {
+        /// The cases file (default: ../shared/reference/cases.json beside the workspace).
+        #[arg(long)]
+        cases: Option<PathBuf>,
+        /// Also print the cases that pass.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
+}
+
+/// The `shared/` folder beside the checkout.
+fn shared_dir() -> PathBuf {
+    workspace_root().join("..").join("shared")
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::ReferenceCheck { cases, verbose } => {
+            let path = cases.unwrap_or_else(|| shared_dir().join("reference").join("cases.json"));
+            let s = reference::run_file(&path, verbose)?;
+            println!(
+                "{} passed, {} failed, {} unsupported",
+                s.passed, s.failed, s.unsupported
+            );
+            Ok(if s.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
