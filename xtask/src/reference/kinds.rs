@@ -37,6 +37,8 @@ pub fn check(kind: &str, case: &Case) -> Option<Result<()>> {
         "vb_terms_bpd" => vb_terms_bpd(case),
         "training_losses" => training_losses(case),
         "p_sample" | "ddim_sample" => sample_step(case, kind == "ddim_sample"),
+        "timestep_embedding" => timestep_embedding(case),
+        "unet_forward" => unet_forward(case),
         _ => return None,
     })
 }
@@ -317,4 +319,46 @@ fn sample_step(case: &Case, ddim: bool) -> Result<()> {
         case.compare("pred_xstart", label, &values(&out.pred_xstart)?, tol)?;
     }
     check_model_timesteps(case, &d, &t)
+}
+
+fn timestep_embedding(case: &Case) -> Result<()> {
+    let dim = case.usize("dim")?;
+    let ts = case.f64s("timesteps")?;
+    for (dtype, label) in PRECISIONS {
+        let t = tensor(&ts, &[ts.len()], dtype)?;
+        let emb = ddpm_unet::timestep_embedding(&t, dim, dtype)?;
+        anyhow::ensure!(emb.dims() == [ts.len(), dim], "embedding has shape {:?}", emb.dims());
+        // The original computes embeddings in f32 whatever the model's dtype, and so do we.
+        case.compare("embedding", label, &values(&emb)?, Tol::F32)?;
+    }
+    Ok(())
+}
+
+/// Loads the original's weights and inputs from the fixture, runs our UNet, compares outputs.
+fn unet_forward(case: &Case) -> Result<()> {
+    let cfg: ddpm_unet::UNetConfig = serde_json::from_value(case.value("config")?.clone())
+        .context("config does not parse as UNetModel keyword arguments")?;
+    let path = case.path("weights")?;
+    let mut tensors = ddpm_unet::read_safetensors(&path)?;
+    let mut take = |name: &str| tensors.remove(name);
+    let x = take("__input_x").context("fixture has no __input_x")?;
+    let ts = take("__input_timesteps").context("fixture has no __input_timesteps")?;
+    let y = take("__input_y");
+    let want = take("__output").context("fixture has no __output")?;
+    if let Some(k) = tensors.keys().find(|k| k.starts_with("__")) {
+        anyhow::bail!("fixture tensor {k} is not understood");
+    }
+    let want = values(&want)?;
+    for (dtype, label) in PRECISIONS {
+        let store = ddpm_unet::ParamStore::new(0, dtype, &Device::Cpu);
+        let model = ddpm_unet::UNet::new(store.var_builder(), &cfg)?;
+        store.set_tensors(&tensors)?;
+        let n = case.usize("num_parameters")?;
+        anyhow::ensure!(store.num_parameters() == n, "{} parameters, the original has {n}", store.num_parameters());
+        let out = model.forward(&x, &ts, y.as_ref(), false)?;
+        // The fixture's output was computed by PyTorch in f32; f32 tolerances apply to both runs.
+        case.compare_values(&format!("output{label}"), &want, &values(&out)?, Tol::F32);
+    }
+    case.expected_value("output")?;
+    Ok(())
 }

@@ -1,0 +1,84 @@
+//! The improved-diffusion UNet in Candle.
+//!
+//! [`UNet`] is the denoising network of Nichol & Dhariwal (2021), layer for layer and with the
+//! same parameter names as the PyTorch original's state dict (`time_embed.0.weight`,
+//! `input_blocks.1.0.in_layers.2.weight`, ...), so converted checkpoints load as they are and
+//! weights saved here load back into PyTorch. [`UNetConfig`] mirrors the original's keyword
+//! arguments; [`ParamStore`] holds the trainable parameters, initialised from a seeded RNG the
+//! way PyTorch initialises them, and reads and writes safetensors files.
+//!
+//! The hot operations (convolution, GroupNorm with SiLU, attention) go through [`ops`], so faster
+//! kernels can replace them without touching the model code.
+
+mod blocks;
+mod config;
+mod model;
+mod nn;
+pub mod ops;
+mod params;
+
+pub use config::UNetConfig;
+pub use model::UNet;
+pub use nn::timestep_embedding;
+pub use params::{read_safetensors, write_safetensors, ParamStore};
+
+/// Errors raised by the UNet crate.
+#[derive(Debug, thiserror::Error)]
+pub enum UNetError {
+    /// A configuration that cannot build a working network.
+    #[error("invalid UNet config: {0}")]
+    Config(String),
+    /// An input that does not fit the network.
+    #[error("invalid UNet input: {0}")]
+    Input(String),
+    /// A weights file whose tensors do not match the network's parameters.
+    #[error("weights do not match the model:{}", describe_mismatch(.missing, .unexpected, .mismatched))]
+    WeightsMismatch {
+        /// Parameters the model has and the file lacks.
+        missing: Vec<String>,
+        /// Tensors in the file that the model has no parameter for.
+        unexpected: Vec<String>,
+        /// (name, model shape, file shape) for tensors whose shapes differ.
+        mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    },
+    /// A file that could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A weights file that is not valid safetensors, or holds an unsupported dtype.
+    #[error("{path}: {detail}")]
+    BadFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A JSON config that cannot be parsed.
+    #[error("UNet config JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An error from Candle itself.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn describe_mismatch(missing: &[String], unexpected: &[String], mismatched: &[(String, Vec<usize>, Vec<usize>)]) -> String {
+    let mut s = String::new();
+    if !missing.is_empty() {
+        s += &format!(" missing {}: {};", missing.len(), missing.join(", "));
+    }
+    if !unexpected.is_empty() {
+        s += &format!(" unexpected {}: {};", unexpected.len(), unexpected.join(", "));
+    }
+    for (name, want, got) in mismatched {
+        s += &format!(" {name} has shape {got:?} in the file but {want:?} in the model;");
+    }
+    s.pop();
+    s
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, UNetError>;
