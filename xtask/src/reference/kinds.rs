@@ -39,6 +39,7 @@ pub fn check(kind: &str, case: &Case) -> Option<Result<()>> {
         "p_sample" | "ddim_sample" => sample_step(case, kind == "ddim_sample"),
         "timestep_embedding" => timestep_embedding(case),
         "unet_forward" => unet_forward(case),
+        "loss_second_moment_weights" => loss_second_moment_weights(case),
         _ => return None,
     })
 }
@@ -361,4 +362,28 @@ fn unet_forward(case: &Case) -> Result<()> {
     }
     case.expected_value("output")?;
     Ok(())
+}
+
+fn loss_second_moment_weights(case: &Case) -> Result<()> {
+    use ddpm_train::{LossSecondMomentSampler, ScheduleSampler};
+    let mut s = LossSecondMomentSampler::with_params(
+        case.usize("num_timesteps")?,
+        case.usize("history_per_term")?,
+        case.f64("uniform_prob")?,
+    )?;
+    let updates = case.value("updates")?.as_array().context("updates is not an array")?;
+    for (i, u) in updates.iter().enumerate() {
+        if let Some(k) = u.as_object().and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "t" | "losses"))) {
+            anyhow::bail!("update {i} has a field the checker does not understand: {k:?}");
+        }
+        let field = |k: &str| u.get(k).and_then(|v| v.as_array()).with_context(|| format!("update {i} has no {k:?} array"));
+        let t: Vec<usize> = field("t")?.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<_>>().context("bad t")?;
+        let l: Vec<f64> = field("losses")?.iter().map(|v| v.as_f64()).collect::<Option<_>>().context("bad losses")?;
+        anyhow::ensure!(t.len() == l.len(), "update {i}: {} timesteps for {} losses", t.len(), l.len());
+        if let Some(&bad) = t.iter().find(|&&x| x >= s.weights().len()) {
+            anyhow::bail!("update {i}: timestep {bad} is outside the schedule");
+        }
+        s.update_with_losses(&t, &l);
+    }
+    case.compare("weights", "", &s.weights(), Tol::F64)
 }
