@@ -1,7 +1,11 @@
 //! `cargo xtask`: project automation for ddpm-rs (reference checks, datasets, training runs,
 //! golden tests and benchmarks).
 
+mod bench;
 mod reference;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +29,22 @@ enum Command {
         /// Also print the cases that pass.
         #[arg(long, short)]
         verbose: bool,
+    },
+    /// Measure training and sampling throughput (side by side with the original when
+    /// REF_PYTHON and REF_SRC are set).
+    Bench {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Batch size.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Untimed iterations first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
     },
 }
 
@@ -65,6 +85,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench { json, batch, warmup, iters } => {
+            bench::run(bench::BenchOptions { batch, warmup, iters, json })?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

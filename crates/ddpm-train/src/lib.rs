@@ -5,9 +5,21 @@
 //! timestep samplers, AdamW with saved state, exponential moving averages of the weights,
 //! atomic checkpoints, and a training loop that resumes exactly.
 
+pub mod checkpoint;
+pub mod data;
+pub mod download;
+pub mod ema;
+pub mod grid;
+pub mod optim;
 pub mod sampler;
+pub mod settings;
+pub mod trainer;
 
+pub use checkpoint::CheckpointMeta;
+pub use data::{ImageDataset, Split};
 pub use sampler::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
+pub use settings::{DiffusionSettings, TrainConfig};
+pub use trainer::{RunOutcome, StepStats, Trainer};
 
 /// Errors raised while training.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +27,42 @@ pub enum TrainError {
     /// A bad setting.
     #[error("invalid setting: {0}")]
     Config(String),
+    /// A data file that is missing, truncated or corrupt.
+    #[error("{path}: {detail}")]
+    Data {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A file or folder that could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A checkpoint that cannot be written or read back.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The loss or gradient became NaN or infinite.
+    #[error("non-finite loss or gradient ({loss}) at step {step}; stopping, the last checkpoint is kept")]
+    NonFinite {
+        /// The step that failed.
+        step: u64,
+        /// The offending value.
+        loss: f64,
+    },
+    /// An error from the model.
+    #[error(transparent)]
+    Model(#[from] ddpm_unet::UNetError),
+    /// An error from the diffusion process.
+    #[error(transparent)]
+    Diffusion(#[from] ddpm_schedule::ScheduleError),
+    /// A download that failed on every mirror.
+    #[error("download failed: {0}")]
+    Download(String),
     /// An error from Candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,0 +1,469 @@
+//! The training loop: hybrid-loss steps, EMA, logging, sample grids and exact resumption.
+
+use crate::checkpoint::{self, CheckpointMeta, RngState};
+use crate::data::{EpochShuffler, ImageDataset};
+use crate::ema::Ema;
+use crate::optim::{grad_norm, scale_grads, AdamW, AdamWConfig};
+use crate::sampler::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
+use crate::settings::{DiffusionSettings, TrainConfig};
+use crate::{grid, Result, TrainError};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use ddpm_schedule::{randn, GaussianDiffusion, RngNoise};
+use ddpm_unet::{ParamStore, UNet, UNetConfig};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which timestep sampler a run uses.
+#[derive(Debug, Clone)]
+enum Sampler {
+    Uniform(UniformSampler),
+    LossSecondMoment(LossSecondMomentSampler),
+}
+
+/// What one optimiser step measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    /// The step just completed (1-based).
+    pub step: u64,
+    /// Mean weighted loss over the batch.
+    pub loss: f64,
+    /// Mean mse term, when the loss has one.
+    pub mse: Option<f64>,
+    /// Mean vb term, when the loss has one.
+    pub vb: Option<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Per-example (timestep, loss, mse, vb) of the batch, for per-quartile logging.
+    #[serde(skip)]
+    pub per_example: Vec<(usize, f64, Option<f64>, Option<f64>)>,
+}
+
+/// How a call to [`Trainer::run`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// All steps done; the final checkpoint.
+    Finished(PathBuf),
+    /// Stopped by the stop flag (Ctrl-C); the checkpoint saved on the way out.
+    Interrupted(PathBuf),
+}
+
+/// A training run on an image data set.
+pub struct Trainer {
+    model_cfg: UNetConfig,
+    diffusion_settings: DiffusionSettings,
+    /// Training settings.
+    pub cfg: TrainConfig,
+    store: ParamStore,
+    params: Vec<(String, Var)>,
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    opt: AdamW,
+    emas: Vec<Ema>,
+    sampler: Sampler,
+    data: ImageDataset,
+    shuffler: EpochShuffler,
+    rng: ChaCha8Rng,
+    run_dir: PathBuf,
+    /// Optimiser steps completed.
+    pub step: u64,
+    stop: Arc<AtomicBool>,
+    device: Device,
+}
+
+impl Trainer {
+    /// A new run: a freshly initialised model (seeded by `cfg.seed`) writing to `run_dir`.
+    pub fn new(model_cfg: UNetConfig, diffusion_settings: DiffusionSettings, cfg: TrainConfig, data: ImageDataset, run_dir: &Path, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        model_cfg.validate()?;
+        model_cfg.validate_image_size(data.height, data.width)?;
+        if cfg.class_cond != model_cfg.num_classes.is_some() {
+            return Err(TrainError::Config("class_cond and the model's num_classes disagree".into()));
+        }
+        if diffusion_settings.out_channels(model_cfg.in_channels) != model_cfg.out_channels {
+            return Err(TrainError::Config(format!(
+                "learn_sigma={} needs out_channels = {}, the model has {}",
+                diffusion_settings.learn_sigma,
+                diffusion_settings.out_channels(model_cfg.in_channels),
+                model_cfg.out_channels
+            )));
+        }
+        let diffusion = GaussianDiffusion::new(&diffusion_settings.to_config(Some(""))?)?;
+        let store = ParamStore::new(cfg.seed, DType::F32, device);
+        let model = UNet::new(store.var_builder(), &model_cfg)?;
+        let params = store.vars();
+        let opt = AdamW::new(params.clone(), AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
+        let emas = cfg.ema_rate.iter().map(|&r| Ema::new(r, &params)).collect::<Result<_>>()?;
+        let n = diffusion.num_timesteps();
+        let sampler = match cfg.schedule_sampler.as_str() {
+            "loss-second-moment" => Sampler::LossSecondMoment(LossSecondMomentSampler::new(n)),
+            _ => Sampler::Uniform(UniformSampler::new(n)),
+        };
+        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Io { path: run_dir.to_path_buf(), source: e })?;
+        Ok(Self {
+            shuffler: EpochShuffler::new(data.len, cfg.seed, 0, 0),
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
+            model_cfg,
+            diffusion_settings,
+            store,
+            params,
+            model,
+            diffusion,
+            opt,
+            emas,
+            sampler,
+            data,
+            run_dir: run_dir.to_path_buf(),
+            step: 0,
+            stop: Arc::new(AtomicBool::new(false)),
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    /// Continues a run from a checkpoint folder exactly where it stopped.
+    ///
+    /// `update` may change settings that do not affect the model (steps, intervals, lr, ...).
+    pub fn resume(ckpt: &Path, data: ImageDataset, run_dir: &Path, device: &Device, update: impl FnOnce(&mut TrainConfig)) -> Result<Self> {
+        let meta = CheckpointMeta::read(ckpt)?;
+        let mut cfg = meta.train.clone();
+        update(&mut cfg);
+        if cfg.ema_rate != meta.train.ema_rate || cfg.class_cond != meta.train.class_cond || cfg.schedule_sampler != meta.train.schedule_sampler {
+            return Err(TrainError::Config("ema_rate, class_cond and schedule_sampler cannot change on resume".into()));
+        }
+        let mut t = Self::new(meta.model.clone(), meta.diffusion.clone(), cfg, data, run_dir, device)?;
+        let ck = |e: ddpm_unet::UNetError| TrainError::Checkpoint(format!("{}: {e}", ckpt.display()));
+        t.store.load_safetensors(&ckpt.join(checkpoint::MODEL_FILE)).map_err(ck)?;
+        let opt_state = ddpm_unet::read_safetensors(&ckpt.join(checkpoint::OPTIMIZER_FILE)).map_err(ck)?;
+        t.opt.load_state(&opt_state, meta.step)?;
+        for ema in &mut t.emas {
+            let tensors = ddpm_unet::read_safetensors(&ckpt.join(checkpoint::ema_file(&ema.rate_name()))).map_err(ck)?;
+            for (name, value) in ema.params.iter_mut() {
+                let v = tensors.get(name).ok_or_else(|| TrainError::Checkpoint(format!("EMA {} has no {name}", ema.rate)))?;
+                *value = v.to_dtype(DType::F32)?.to_device(device)?;
+            }
+        }
+        t.rng = ChaCha8Rng::seed_from_u64(meta.rng.seed);
+        t.rng.set_word_pos(meta.rng.word_pos);
+        t.shuffler = EpochShuffler::new(t.data.len, t.cfg.seed, meta.data_epoch, meta.data_pos);
+        if let (Sampler::LossSecondMoment(s), Some(saved)) = (&mut t.sampler, meta.sampler) {
+            *s = saved;
+        }
+        t.step = meta.step;
+        Ok(t)
+    }
+
+    /// A flag that, once set (e.g. by a Ctrl-C handler), makes [`Self::run`] save and return.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &UNet {
+        &self.model
+    }
+
+    /// The trainable parameters.
+    pub fn params(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// The EMA weights.
+    pub fn emas(&self) -> &[Ema] {
+        &self.emas
+    }
+
+    fn lr_at(&self, step: u64) -> f64 {
+        if self.cfg.lr_anneal_steps == 0 {
+            return self.cfg.lr;
+        }
+        let frac = step as f64 / self.cfg.lr_anneal_steps as f64;
+        self.cfg.lr * (1.0 - frac).max(0.0)
+    }
+
+    /// One optimiser step over one batch (microbatches accumulate gradients, as the original).
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let idx = self.shuffler.next_indices(self.cfg.batch_size);
+        let (x, y) = self.data.batch(&idx, &self.device)?;
+        self.model.set_dropout_seed(self.cfg.seed ^ (self.step + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let mut total: Option<GradStore> = None;
+        let mut loss_sum = 0.0;
+        let mut per_example = Vec::with_capacity(idx.len());
+        let micro = self.cfg.micro();
+        for start in (0..idx.len()).step_by(micro) {
+            let len = micro.min(idx.len() - start);
+            let xm = x.narrow(0, start, len)?;
+            let ym = self.cfg.class_cond.then(|| y.narrow(0, start, len)).transpose()?;
+            let (t, w) = match &self.sampler {
+                Sampler::Uniform(s) => s.sample(len, &mut self.rng),
+                Sampler::LossSecondMoment(s) => s.sample(len, &mut self.rng),
+            };
+            let noise = randn(&mut self.rng, xm.shape().clone(), DType::F32, &self.device)?;
+            let model = &self.model;
+            let terms = self.diffusion.training_losses(
+                |xt, ts| model.forward(xt, ts, ym.as_ref(), true).map_err(candle_core::Error::wrap),
+                &xm,
+                &t,
+                &noise,
+            )?;
+            let losses: Vec<f64> = terms.loss.to_dtype(DType::F64)?.to_vec1()?;
+            let host = |o: &Option<Tensor>| -> Result<Option<Vec<f64>>> {
+                Ok(match o {
+                    Some(t) => Some(t.to_dtype(DType::F64)?.to_vec1()?),
+                    None => None,
+                })
+            };
+            let (mse, vb) = (host(&terms.mse)?, host(&terms.vb)?);
+            for i in 0..len {
+                per_example.push((t[i], losses[i], mse.as_ref().map(|m| m[i]), vb.as_ref().map(|v| v[i])));
+            }
+            if let Sampler::LossSecondMoment(s) = &mut self.sampler {
+                s.update_with_losses(&t, &losses);
+            }
+            let w = Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), len, &self.device)?;
+            let loss = (terms.loss * w)?.mean_all()?;
+            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                return Err(TrainError::NonFinite { step: self.step + 1, loss: lv });
+            }
+            loss_sum += lv * len as f64;
+            let grads = loss.backward()?;
+            total = Some(match total {
+                None => grads,
+                Some(mut acc) => {
+                    for (_, p) in &self.params {
+                        if let Some(g) = grads.get(p.as_tensor()) {
+                            let sum = match acc.remove(p.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(p.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let mut grads = total.expect("a batch has at least one microbatch");
+        let norm = grad_norm(&self.params, &grads)?;
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite { step: self.step + 1, loss: norm });
+        }
+        if let Some(clip) = self.cfg.grad_clip {
+            if norm > clip {
+                scale_grads(&self.params, &mut grads, clip / norm)?;
+            }
+        }
+        let lr = self.lr_at(self.step);
+        self.opt.cfg.lr = lr;
+        self.opt.step(&grads)?;
+        for ema in &mut self.emas {
+            ema.update(&self.params)?;
+        }
+        self.step += 1;
+        let n = per_example.len() as f64;
+        let mean = |f: fn(&(usize, f64, Option<f64>, Option<f64>)) -> Option<f64>| -> Option<f64> {
+            let v: Option<Vec<f64>> = per_example.iter().map(f).collect();
+            v.map(|v| v.iter().sum::<f64>() / n)
+        };
+        Ok(StepStats {
+            step: self.step,
+            loss: loss_sum / n,
+            mse: mean(|e| e.2),
+            vb: mean(|e| e.3),
+            grad_norm: norm,
+            lr,
+            per_example,
+        })
+    }
+
+    /// Writes a checkpoint of the current state and prunes old ones.
+    pub fn save(&self) -> Result<PathBuf> {
+        let meta = CheckpointMeta {
+            model: self.model_cfg.clone(),
+            diffusion: self.diffusion_settings.clone(),
+            train: self.cfg.clone(),
+            image_size: [self.data.height, self.data.width],
+            step: self.step,
+            rng: RngState { seed: self.cfg.seed.wrapping_add(1), word_pos: self.rng.get_word_pos() },
+            data_epoch: self.shuffler.epoch,
+            data_pos: self.shuffler.pos,
+            sampler: match &self.sampler {
+                Sampler::LossSecondMoment(s) => Some(s.clone()),
+                Sampler::Uniform(_) => None,
+            },
+        };
+        let ck = |e: ddpm_unet::UNetError| TrainError::Checkpoint(e.to_string());
+        let dir = checkpoint::write_checkpoint_dir(&self.run_dir, self.step, |d| {
+            self.store.save_safetensors(&d.join(checkpoint::MODEL_FILE)).map_err(ck)?;
+            ddpm_unet::write_safetensors(&self.opt.state_tensors()?, &d.join(checkpoint::OPTIMIZER_FILE)).map_err(ck)?;
+            for ema in &self.emas {
+                ddpm_unet::write_safetensors(&ema.params, &d.join(checkpoint::ema_file(&ema.rate_name()))).map_err(ck)?;
+            }
+            let json = serde_json::to_string_pretty(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            std::fs::write(d.join(checkpoint::CONFIG_FILE), json).map_err(|e| TrainError::Io { path: d.join(checkpoint::CONFIG_FILE), source: e })
+        })?;
+        checkpoint::prune_checkpoints(&self.run_dir, self.cfg.keep_checkpoints)?;
+        Ok(dir)
+    }
+
+    /// Samples a grid from the first EMA weights (or the raw weights when there is no EMA).
+    pub fn sample_grid(&self, path: &Path) -> Result<()> {
+        let weights: HashMap<String, Tensor> = match self.emas.first() {
+            Some(e) => e.params.clone(),
+            None => self.store.tensors()?,
+        };
+        let size = [self.data.height, self.data.width];
+        let x = sample_images(&self.model_cfg, &self.diffusion_settings, &weights, size, self.cfg.sample_count, &self.cfg.sample_respacing, self.cfg.seed, &self.device)?;
+        grid::save_grid_png(&x, path)
+    }
+
+    /// Trains until `cfg.steps`, logging, saving and sampling along the way.
+    pub fn run(&mut self, progress: bool) -> Result<RunOutcome> {
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| TrainError::Io { path: metrics_path.clone(), source: e })?;
+        let bar = if progress {
+            let b = indicatif::ProgressBar::new(self.cfg.steps);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta} {msg}")
+                    .expect("valid template"),
+            );
+            b.set_position(self.step);
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut log = LogAccum::new(self.diffusion.num_timesteps());
+        let mut last_saved = None;
+        let mut window = Instant::now();
+        while self.step < self.cfg.steps {
+            if self.stop.load(Ordering::SeqCst) {
+                let dir = self.save()?;
+                bar.abandon_with_message("interrupted; checkpoint saved");
+                return Ok(RunOutcome::Interrupted(dir));
+            }
+            let stats = self.train_step()?;
+            log.add(&stats);
+            bar.set_position(self.step);
+            bar.set_message(format!("loss {:.4}", stats.loss));
+            if self.step % self.cfg.log_interval == 0 {
+                let secs = window.elapsed().as_secs_f64();
+                let record = log.finish(self.step, stats.lr, log.images as f64 / secs);
+                tracing::info!(target: "ddpm_train", "{}", record);
+                writeln!(metrics, "{record}").map_err(|e| TrainError::Io { path: metrics_path.clone(), source: e })?;
+                log = LogAccum::new(self.diffusion.num_timesteps());
+                window = Instant::now();
+            }
+            if self.step % self.cfg.save_interval == 0 {
+                last_saved = Some(self.save()?);
+            }
+            if self.cfg.sample_interval > 0 && self.step % self.cfg.sample_interval == 0 {
+                self.sample_grid(&self.run_dir.join(format!("samples-{:07}.png", self.step)))?;
+            }
+        }
+        let dir = match last_saved {
+            Some(d) if d.ends_with(checkpoint::checkpoint_name(self.step)) => d,
+            _ => self.save()?,
+        };
+        bar.finish_with_message("done");
+        Ok(RunOutcome::Finished(dir))
+    }
+}
+
+/// Samples `n` images with the weights `weights` (seeded), for grids and quick looks.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_images(
+    model_cfg: &UNetConfig,
+    settings: &DiffusionSettings,
+    weights: &HashMap<String, Tensor>,
+    image_size: [usize; 2],
+    n: usize,
+    respacing: &str,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    let store = ParamStore::new(0, DType::F32, device);
+    let model = UNet::new(store.var_builder(), model_cfg)?;
+    store.set_tensors(weights)?;
+    let diffusion = GaussianDiffusion::new(&settings.to_config(Some(respacing))?)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5A4D_504C_4553);
+    let [h, w] = image_size;
+    let x_t = randn(&mut rng, (n, model_cfg.in_channels, h, w), DType::F32, device)?;
+    let labels = match model_cfg.num_classes {
+        Some(k) => Some(Tensor::from_vec((0..n).map(|i| (i % k) as u32).collect::<Vec<_>>(), n, device)?),
+        None => None,
+    };
+    let mut noise = RngNoise(rng);
+    let out = diffusion.p_sample_loop(
+        |x, ts| model.forward(x, ts, labels.as_ref(), false).map_err(candle_core::Error::wrap),
+        x_t,
+        true,
+        &mut noise,
+        |_| {},
+    )?;
+    Ok(out)
+}
+
+/// Accumulates step statistics between two log lines.
+struct LogAccum {
+    num_timesteps: usize,
+    steps: u64,
+    images: usize,
+    sums: HashMap<String, (f64, usize)>,
+    grad_norm: f64,
+}
+
+impl LogAccum {
+    fn new(num_timesteps: usize) -> Self {
+        Self { num_timesteps, steps: 0, images: 0, sums: HashMap::new(), grad_norm: 0.0 }
+    }
+
+    fn push(&mut self, key: String, v: f64) {
+        let e = self.sums.entry(key).or_insert((0.0, 0));
+        e.0 += v;
+        e.1 += 1;
+    }
+
+    fn add(&mut self, s: &StepStats) {
+        self.steps += 1;
+        self.images += s.per_example.len();
+        self.grad_norm += s.grad_norm;
+        for &(t, loss, mse, vb) in &s.per_example {
+            // The original logs each term per quarter of the schedule (q0 = the noiseless end).
+            let q = (4 * t / self.num_timesteps).min(3);
+            for (name, v) in [("loss", Some(loss)), ("mse", mse), ("vb", vb)] {
+                if let Some(v) = v {
+                    self.push(name.to_string(), v);
+                    self.push(format!("{name}_q{q}"), v);
+                }
+            }
+        }
+    }
+
+    fn finish(&self, step: u64, lr: f64, images_per_sec: f64) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("step".into(), step.into());
+        let mut keys: Vec<&String> = self.sums.keys().collect();
+        keys.sort();
+        for k in keys {
+            let (s, n) = self.sums[k];
+            m.insert(k.clone(), (s / n as f64).into());
+        }
+        m.insert("grad_norm".into(), (self.grad_norm / self.steps.max(1) as f64).into());
+        m.insert("lr".into(), lr.into());
+        m.insert("images_per_sec".into(), images_per_sec.into());
+        serde_json::Value::Object(m)
+    }
+}

@@ -1,0 +1,185 @@
+//! `cargo xtask bench`: training and sampling throughput, side by side with the original.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use ddpm_train::data::{IdxArray, ImageDataset};
+use ddpm_train::{DiffusionSettings, TrainConfig, Trainer};
+use ddpm_unet::UNetConfig;
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// What one side of the comparison measured.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Figures {
+    /// Training images per second (one full step: forward, hybrid loss, backward, AdamW, EMA).
+    pub train_images_per_sec: f64,
+    /// Forward (no-grad) images per second.
+    pub forward_images_per_sec: f64,
+    /// Peak resident memory in MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Options of the benchmark.
+pub struct BenchOptions {
+    pub batch: usize,
+    pub warmup: usize,
+    pub iters: usize,
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+    v[v.len() / 2]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Synthetic MNIST-shaped data: the benchmark measures compute, not data loading.
+fn synthetic_data(n: usize) -> ImageDataset {
+    let images = IdxArray { dims: vec![n, 28, 28], data: (0..n * 784).map(|i| (i * 37 % 256) as u8).collect() };
+    let labels = IdxArray { dims: vec![n], data: (0..n).map(|i| (i % 10) as u8).collect() };
+    ImageDataset::from_idx(images, labels, Path::new("synthetic"), Path::new("synthetic")).expect("consistent synthetic data")
+}
+
+/// Runs our side of the benchmark.
+pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
+    let device = Device::Cpu;
+    let run_dir = tempfile::tempdir()?;
+    let cfg = TrainConfig { batch_size: opts.batch, sample_interval: 0, ..TrainConfig::default() };
+    let mut trainer = Trainer::new(UNetConfig::mnist(), DiffusionSettings::default(), cfg, synthetic_data(4 * opts.batch), run_dir.path(), &device)?;
+    let mut times = Vec::new();
+    for i in 0..opts.warmup + opts.iters {
+        let t0 = Instant::now();
+        trainer.train_step()?;
+        if i >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let train = opts.batch as f64 / median(times);
+    let x = Tensor::randn(0f32, 1.0, (opts.batch, 1, 28, 28), &device)?;
+    let ts = Tensor::from_vec((0..opts.batch).map(|i| (i * 997 % 1000) as f32).collect::<Vec<_>>(), opts.batch, &device)?;
+    let mut times = Vec::new();
+    for i in 0..opts.warmup + opts.iters {
+        let t0 = Instant::now();
+        let out = trainer.model().forward(&x, &ts, None, false)?;
+        out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if i >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let forward = opts.batch as f64 / median(times);
+    Ok(Figures { train_images_per_sec: train, forward_images_per_sec: forward, peak_rss_mib: peak_rss_mib() })
+}
+
+/// The original's side: the same step in PyTorch, run by `REF_PYTHON` from `REF_SRC`.
+const REFERENCE_SCRIPT: &str = r#"
+import json, resource, sys, time
+import torch as th
+sys.path.insert(0, sys.argv[1])
+from improved_diffusion.script_util import create_gaussian_diffusion
+from improved_diffusion.resample import UniformSampler
+from improved_diffusion.nn import update_ema
+batch, warmup, iters, threads = map(int, sys.argv[2:6])
+th.set_num_threads(threads)
+th.manual_seed(0)
+diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine",
+                                      rescale_timesteps=True, rescale_learned_sigmas=True)
+"#;
+
+const REFERENCE_SCRIPT_TAIL: &str = r#"
+params = list(model.parameters())
+opt = th.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+ema = [p.detach().clone() for p in params]
+sampler = UniformSampler(diffusion)
+x = th.rand(batch, 1, 28, 28) * 2 - 1
+def step():
+    t, w = sampler.sample(batch, "cpu")
+    losses = diffusion.training_losses(model, x, t)
+    loss = (losses["loss"] * w).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    update_ema(ema, params, rate=0.9999)
+def timed(f):
+    out = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter(); f(); dt = time.perf_counter() - t0
+        if i >= warmup: out.append(dt)
+    out.sort()
+    return out[len(out) // 2]
+train = batch / timed(step)
+ts = th.tensor([float(i * 997 % 1000) for i in range(batch)])
+def fwd():
+    with th.no_grad():
+        model(x, ts)
+forward = batch / timed(fwd)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+print(json.dumps({"train_images_per_sec": train, "forward_images_per_sec": forward, "peak_rss_mib": rss}))
+"#;
+
+/// Runs the original's side when `REF_PYTHON` and `REF_SRC` are set.
+pub fn bench_reference(opts: &BenchOptions, threads: usize) -> Result<Option<Figures>> {
+    let (Ok(python), Ok(src)) = (std::env::var("REF_PYTHON"), std::env::var("REF_SRC")) else {
+        return Ok(None);
+    };
+    // The MNIST UNet takes one input channel; rebuild the model the same way with in_channels=1.
+    let build = r#"
+from improved_diffusion.unet import UNetModel
+model = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_blocks=2,
+                  attention_resolutions=(4,), dropout=0.0, channel_mult=(1, 2, 2),
+                  num_classes=None, num_heads=4, use_scale_shift_norm=True)
+"#;
+    let script = format!("{REFERENCE_SCRIPT}{build}{REFERENCE_SCRIPT_TAIL}");
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bench_reference.py");
+    std::fs::write(&path, script)?;
+    let out = std::process::Command::new(&python)
+        .arg(&path)
+        .arg(&src)
+        .args([opts.batch, opts.warmup, opts.iters, threads].map(|v| v.to_string()))
+        .output()
+        .with_context(|| format!("cannot run REF_PYTHON={python}"))?;
+    if !out.status.success() {
+        bail!("the reference benchmark failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().context("the reference benchmark printed nothing")?;
+    Ok(Some(serde_json::from_str(line).with_context(|| format!("unexpected reference output: {line}"))?))
+}
+
+/// Runs both sides and prints the figures and ratios.
+pub fn run(opts: BenchOptions) -> Result<()> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let ours = bench_ours(&opts)?;
+    let reference = bench_reference(&opts, threads)?;
+    if opts.json {
+        let ratio = reference.as_ref().map(|r| {
+            serde_json::json!({
+                "train": ours.train_images_per_sec / r.train_images_per_sec,
+                "forward": ours.forward_images_per_sec / r.forward_images_per_sec,
+            })
+        });
+        println!("{}", serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "original": reference, "ratio": ratio}));
+        return Ok(());
+    }
+    println!("MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} iterations", opts.batch, opts.iters);
+    println!("{:<28} {:>12} {:>12} {:>8}", "", "ddpm-rs", "original", "ratio");
+    let row = |name: &str, a: f64, b: Option<f64>| match b {
+        Some(b) => println!("{name:<28} {a:>12.1} {b:>12.1} {:>7.2}x", a / b),
+        None => println!("{name:<28} {a:>12.1} {:>12} {:>8}", "-", "-"),
+    };
+    row("train images/s", ours.train_images_per_sec, reference.as_ref().map(|r| r.train_images_per_sec));
+    row("forward images/s", ours.forward_images_per_sec, reference.as_ref().map(|r| r.forward_images_per_sec));
+    row("peak RSS MiB", ours.peak_rss_mib, reference.as_ref().map(|r| r.peak_rss_mib));
+    if reference.is_none() {
+        println!("(set REF_PYTHON to a Python with torch and REF_SRC to an improved-diffusion checkout for the side-by-side)");
+    }
+    Ok(())
+}
