@@ -1,8 +1,5 @@
-//! The UNet's hot operations, kept behind one small interface.
-//!
-//! The model calls only these functions for convolution, GroupNorm (+ scale-shift + SiLU) and
-//! attention. Here they are compositions of plain Candle ops, which run on every device and
-//! serve as the oracle for faster kernels that can replace them.
+//! The hot operations as compositions of plain Candle ops: the path on CUDA and Metal, and the
+//! oracle that the fast CPU kernels are tested against.
 
 use candle_core::{DType, Result, Tensor, D};
 

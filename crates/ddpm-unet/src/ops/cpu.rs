@@ -1,0 +1,573 @@
+//! Fast f32 CPU kernels for the UNet, as Candle custom ops with their own backward passes.
+//!
+//! Convolution is im2col + `gemm`, one image per task on rayon's pool (each GEMM single-threaded),
+//! with the input gradient (`Wᵀ·dY`, then col2im), the weight gradient (`dY·colsᵀ` summed over
+//! the batch) and the bias gradient computed directly rather than through transposed
+//! convolutions and multi-axis reductions. GroupNorm, the optional scale-shift and SiLU are one
+//! fused pass forward and one backward. Everything is NCHW and contiguous.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { bail!("{what}: the fast CPU kernels take f32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// C[m×n] (+)= A·B with explicit strides, single-threaded (the caller parallelises).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (isize, isize),
+    b: &[f32],
+    (b_rs, b_cs): (isize, isize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the strides and sizes describe regions inside the given slices (checked by the
+    // callers' shape arithmetic); dst is exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Geometry of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct ConvGeom {
+    b: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl ConvGeom {
+    fn new(x: &[usize], wt: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[b, c_in, h, w], &[c_out, wc, k, k2]) = (x, wt) else { bail!("conv2d: expected 4-D input and kernel") };
+        if wc != c_in || k != k2 {
+            bail!("conv2d: kernel {wt:?} does not fit input {x:?}");
+        }
+        if h + 2 * pad < k || w + 2 * pad < k {
+            bail!("conv2d: input {x:?} smaller than the kernel");
+        }
+        let ho = (h + 2 * pad - k) / stride + 1;
+        let wo = (w + 2 * pad - k) / stride + 1;
+        Ok(Self { b, c_in, h, w, c_out, k, stride, pad, ho, wo })
+    }
+    fn kk(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+    fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// A 1×1, stride-1, unpadded convolution needs no im2col: the image is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// cols[K = c·k·k, N = ho·wo] of one image.
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let (k, n) = (self.k, self.n());
+        for c in 0..self.c_in {
+            let xc = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &mut cols[((c * k + ky) * k + kx) * n..][..n];
+                    for oy in 0..self.ho {
+                        let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                        let out = &mut row[oy * self.wo..(oy + 1) * self.wo];
+                        if iy < 0 || iy >= self.h as isize {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let xr = &xc[iy as usize * self.w..(iy as usize + 1) * self.w];
+                        if self.stride == 1 {
+                            // Contiguous run with zero borders.
+                            for (ox, o) in out.iter_mut().enumerate() {
+                                let ix = (ox + kx) as isize - self.pad as isize;
+                                *o = if ix >= 0 && (ix as usize) < self.w { xr[ix as usize] } else { 0.0 };
+                            }
+                        } else {
+                            for (ox, o) in out.iter_mut().enumerate() {
+                                let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                                *o = if ix >= 0 && (ix as usize) < self.w { xr[ix as usize] } else { 0.0 };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds cols[K, N] back into one image's gradient (the adjoint of im2col).
+    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+        let (k, n) = (self.k, self.n());
+        for c in 0..self.c_in {
+            let dxc = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &cols[((c * k + ky) * k + kx) * n..][..n];
+                    for oy in 0..self.ho {
+                        let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let dr = &mut dxc[iy as usize * self.w..(iy as usize + 1) * self.w];
+                        for ox in 0..self.wo {
+                            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                            if ix >= 0 && (ix as usize) < self.w {
+                                dr[ix as usize] += row[oy * self.wo + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward convolution with bias: x, weight, bias.
+struct Conv2d {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = ConvGeom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let (x, wt, bias) = (slice(s1, l1, "conv2d x")?, slice(s2, l2, "conv2d weight")?, slice(s3, l3, "conv2d bias")?);
+        let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        let img = g.c_in * g.h * g.w;
+        let mut out = vec![0f32; g.b * co * n];
+        out.par_chunks_mut(co * n).enumerate().for_each_init(
+            || vec![0f32; if g.pointwise() { 0 } else { kk * n }],
+            |cols, (b, o)| {
+                let xb = &x[b * img..(b + 1) * img];
+                let cols: &[f32] = if g.pointwise() {
+                    xb
+                } else {
+                    g.im2col(xb, cols);
+                    cols
+                };
+                for (c, row) in o.chunks_mut(n).enumerate() {
+                    row.fill(bias[c]);
+                }
+                matmul(co, n, kk, o, true, wt, (kk as isize, 1), cols, (n as isize, 1));
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // The input gradient is skipped when nothing upstream needs it (e.g. the image batch).
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &Conv2dBackwardInput { stride: self.stride, pad: self.pad, h: x.dim(2)?, w: x.dim(3)? })?)
+        } else {
+            None
+        };
+        let dw = grad.apply_op2_no_bwd(x, &Conv2dBackwardWeight { stride: self.stride, pad: self.pad, k: w.dim(2)? })?;
+        let (bs, c, ho, wo) = grad.dims4()?;
+        let db = grad.reshape((bs, c, ho * wo))?.sum(2)?.sum(0)?;
+        let _ = b;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// dX from dY [B, Cout, Ho, Wo] and the weight.
+struct Conv2dBackwardInput {
+    stride: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for Conv2dBackwardInput {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-bwd-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gd, wd) = (l1.dims(), l2.dims());
+        let g = ConvGeom::new(&[gd[0], wd[1], self.h, self.w], wd, self.stride, self.pad)?;
+        if gd != [g.b, g.c_out, g.ho, g.wo] {
+            bail!("conv2d backward: gradient {gd:?} does not fit");
+        }
+        let (dy, wt) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d weight")?);
+        let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        let img = g.c_in * g.h * g.w;
+        let mut dx = vec![0f32; g.b * img];
+        dx.par_chunks_mut(img).enumerate().for_each_init(
+            || vec![0f32; if g.pointwise() { 0 } else { kk * n }],
+            |cols, (b, dxb)| {
+                let dyb = &dy[b * co * n..(b + 1) * co * n];
+                // dcols[K, N] = Wᵀ[K, Cout] · dY_b[Cout, N]
+                if g.pointwise() {
+                    matmul(kk, n, co, dxb, false, wt, (1, kk as isize), dyb, (n as isize, 1));
+                } else {
+                    matmul(kk, n, co, cols, false, wt, (1, kk as isize), dyb, (n as isize, 1));
+                    g.col2im(cols, dxb);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))))
+    }
+}
+
+/// dW from dY and the input x.
+struct Conv2dBackwardWeight {
+    stride: usize,
+    pad: usize,
+    k: usize,
+}
+
+impl CustomOp2 for Conv2dBackwardWeight {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-bwd-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gd, xd) = (l1.dims(), l2.dims());
+        let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
+        let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
+        let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        let img = g.c_in * g.h * g.w;
+        let threads = rayon::current_num_threads().max(1);
+        let per = g.b.div_ceil(threads);
+        // Each thread sums its images' dY_b · cols_bᵀ into its own buffer; then one reduction.
+        let partials: Vec<Vec<f32>> = (0..threads)
+            .into_par_iter()
+            .map(|t| {
+                let mut dw = vec![0f32; co * kk];
+                let mut cols = vec![0f32; if g.pointwise() { 0 } else { kk * n }];
+                for b in t * per..((t + 1) * per).min(g.b) {
+                    let xb = &x[b * img..(b + 1) * img];
+                    let c: &[f32] = if g.pointwise() {
+                        xb
+                    } else {
+                        g.im2col(xb, &mut cols);
+                        &cols
+                    };
+                    let dyb = &dy[b * co * n..(b + 1) * co * n];
+                    matmul(co, kk, n, &mut dw, true, dyb, (n as isize, 1), c, (1, n as isize));
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; co * kk];
+        for p in partials {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((co, g.c_in, g.k, g.k))))
+    }
+}
+
+/// Convolution through the fast kernels (inputs are made contiguous first).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2d { stride, pad: padding })
+}
+
+/// Fused GroupNorm (+ scale-shift) (+ SiLU). `params` packs [gamma; beta] and, when present,
+/// [scale; shift] per batch element: [2C + B·2C].
+struct GroupNorm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    scale_shift: bool,
+}
+
+struct GnDims {
+    b: usize,
+    c: usize,
+    t: usize,
+    cg: usize,
+}
+
+impl GroupNorm {
+    fn dims(&self, x: &[usize], params_len: usize) -> Result<GnDims> {
+        if x.len() < 2 {
+            bail!("group_norm: input must be [B, C, ...]");
+        }
+        let (b, c) = (x[0], x[1]);
+        let t: usize = x[2..].iter().product();
+        if c % self.groups != 0 {
+            bail!("group_norm: {c} channels are not divisible by {} groups", self.groups);
+        }
+        let want = 2 * c + if self.scale_shift { 2 * b * c } else { 0 };
+        if params_len != want {
+            bail!("group_norm: {params_len} parameters for [{b}, {c}] (expected {want})");
+        }
+        Ok(GnDims { b, c, t, cg: c / self.groups })
+    }
+
+    /// Mean and 1/std of one group.
+    fn stats(&self, xg: &[f32]) -> (f32, f32) {
+        let n = xg.len() as f64;
+        let mean = xg.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = xg.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+    }
+
+    /// (1 + scale, shift) for batch element b, channel c.
+    fn film(&self, p: &[f32], d: &GnDims, b: usize, c: usize) -> (f32, f32) {
+        if self.scale_shift {
+            let ss = &p[2 * d.c + b * 2 * d.c..];
+            (1.0 + ss[c], ss[d.c + c])
+        } else {
+            (1.0, 0.0)
+        }
+    }
+}
+
+#[inline]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp2 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "ddpm-group-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, p) = (slice(s1, l1, "group_norm x")?, slice(s2, l2, "group_norm params")?);
+        let d = self.dims(l1.dims(), p.len())?;
+        let gsize = d.cg * d.t;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(gsize).zip(x.par_chunks(gsize)).enumerate().for_each(|(i, (o, xg))| {
+            let (b, g) = (i / self.groups, i % self.groups);
+            let (mean, rstd) = self.stats(xg);
+            for ci in 0..d.cg {
+                let c = g * d.cg + ci;
+                let a = p[c] * rstd;
+                let sh0 = p[d.c + c] - mean * a;
+                let (s1, sh) = self.film(p, &d, b, c);
+                let (a, sh0) = (a * s1, sh0 * s1 + sh);
+                let (orow, xrow) = (&mut o[ci * d.t..(ci + 1) * d.t], &xg[ci * d.t..(ci + 1) * d.t]);
+                if self.silu {
+                    for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                        let z = xv * a + sh0;
+                        *ov = z * sigmoid(z);
+                    }
+                } else {
+                    for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                        *ov = xv * a + sh0;
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormBackward(GroupNorm { ..*self }))?;
+        let nx = x.elem_count();
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dp = packed.narrow(0, nx, params.elem_count())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl Clone for GroupNorm {
+    fn clone(&self) -> Self {
+        Self { ..*self }
+    }
+}
+
+/// The backward pass of [`GroupNorm`]: gives [dx; dparams] packed in one vector.
+struct GroupNormBackward(GroupNorm);
+
+impl CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "ddpm-group-norm-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let (x, p, dout) = (slice(s1, l1, "group_norm x")?, slice(s2, l2, "group_norm params")?, slice(s3, l3, "group_norm grad")?);
+        let d = op.dims(l1.dims(), p.len())?;
+        let gsize = d.cg * d.t;
+        let mut dx = vec![0f32; x.len()];
+        // Per group: partial d(gamma), d(beta) for its channels, and d(scale), d(shift).
+        let mut partial = vec![0f32; d.b * op.groups * 4 * d.cg];
+        dx.par_chunks_mut(gsize)
+            .zip(partial.par_chunks_mut(4 * d.cg))
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; gsize], vec![0f32; gsize]),
+                |(xhat, dxhat), (i, (dxg, part))| {
+                    let (b, g) = (i / op.groups, i % op.groups);
+                    let xg = &x[i * gsize..(i + 1) * gsize];
+                    let dg = &dout[i * gsize..(i + 1) * gsize];
+                    let (mean, rstd) = op.stats(xg);
+                    let (mut sum1, mut sum2) = (0f64, 0f64);
+                    for ci in 0..d.cg {
+                        let c = g * d.cg + ci;
+                        let (gamma, beta) = (p[c], p[d.c + c]);
+                        let (s1, sh) = op.film(p, &d, b, c);
+                        let (mut dgamma, mut dbeta, mut dscale, mut dshift) = (0f32, 0f32, 0f32, 0f32);
+                        for j in ci * d.t..(ci + 1) * d.t {
+                            let xh = (xg[j] - mean) * rstd;
+                            let y = xh * gamma + beta;
+                            let dz = if op.silu {
+                                let z = y * s1 + sh;
+                                let s = sigmoid(z);
+                                dg[j] * s * (1.0 + z * (1.0 - s))
+                            } else {
+                                dg[j]
+                            };
+                            dshift += dz;
+                            dscale += dz * y;
+                            let dy = dz * s1;
+                            dgamma += dy * xh;
+                            dbeta += dy;
+                            let dxh = dy * gamma;
+                            sum1 += dxh as f64;
+                            sum2 += (dxh * xh) as f64;
+                            xhat[j] = xh;
+                            dxhat[j] = dxh;
+                        }
+                        part[ci] = dgamma;
+                        part[d.cg + ci] = dbeta;
+                        part[2 * d.cg + ci] = dscale;
+                        part[3 * d.cg + ci] = dshift;
+                    }
+                    let n = gsize as f64;
+                    let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
+                    for j in 0..gsize {
+                        dxg[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
+                    }
+                },
+            );
+        let mut dp = vec![0f32; p.len()];
+        for b in 0..d.b {
+            for g in 0..op.groups {
+                let part = &partial[(b * op.groups + g) * 4 * d.cg..][..4 * d.cg];
+                for ci in 0..d.cg {
+                    let c = g * d.cg + ci;
+                    dp[c] += part[ci];
+                    dp[d.c + c] += part[d.cg + ci];
+                    if op.scale_shift {
+                        dp[2 * d.c + b * 2 * d.c + c] = part[2 * d.cg + ci];
+                        dp[2 * d.c + b * 2 * d.c + d.c + c] = part[3 * d.cg + ci];
+                    }
+                }
+            }
+        }
+        dx.extend_from_slice(&dp);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+/// GroupNorm (+ scale-shift) (+ SiLU) through the fused kernel.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    scale_shift: Option<(&Tensor, &Tensor)>,
+    silu: bool,
+) -> Result<Tensor> {
+    let mut parts = vec![weight.flatten_all()?, bias.flatten_all()?];
+    if let Some((scale, shift)) = scale_shift {
+        let b = x.dim(0)?;
+        parts.push(Tensor::cat(&[scale, shift], 1)?.reshape(b * 2 * x.dim(1)?)?);
+    }
+    let params = Tensor::cat(&parts, 0)?;
+    x.contiguous()?.apply_op2(&params, GroupNorm { groups, eps, silu, scale_shift: scale_shift.is_some() })
+}
+
+/// Nearest ×2 upsampling.
+struct Upsample2x;
+
+impl CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "ddpm-upsample2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "upsample x")?;
+        let &[b, c, h, w] = l.dims() else { bail!("upsample: expected [B, C, H, W]") };
+        let mut out = vec![0f32; b * c * 4 * h * w];
+        out.par_chunks_mut(4 * h * w).zip(x.par_chunks(h * w)).for_each(|(o, xi)| {
+            for y in 0..2 * h {
+                let src = &xi[(y / 2) * w..(y / 2 + 1) * w];
+                for (xx, v) in o[y * 2 * w..(y + 1) * 2 * w].iter_mut().enumerate() {
+                    *v = src[xx / 2];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, 2 * h, 2 * w))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SumPool2x)?))
+    }
+}
+
+/// Sums each 2×2 block: the adjoint of nearest ×2 upsampling.
+struct SumPool2x;
+
+impl CustomOp1 for SumPool2x {
+    fn name(&self) -> &'static str {
+        "ddpm-sumpool2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = slice(s, l, "upsample grad")?;
+        let &[b, c, h2, w2] = l.dims() else { bail!("sumpool: expected [B, C, H, W]") };
+        let (h, w) = (h2 / 2, w2 / 2);
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w).zip(g.par_chunks(h2 * w2)).for_each(|(o, gi)| {
+            for y in 0..h2 {
+                for x in 0..w2 {
+                    o[(y / 2) * w + x / 2] += gi[y * w2 + x];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+    }
+}
+
+/// Nearest ×2 upsampling through the fast kernel.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Upsample2x)
+}

@@ -1,0 +1,67 @@
+//! The UNet's hot operations, kept behind one small interface.
+//!
+//! The model calls only these functions for convolution, GroupNorm (+ scale-shift + SiLU),
+//! attention and upsampling. On the CPU with f32 they run hand-written kernels (im2col + `gemm`
+//! convolution, fused GroupNorm, each with its own backward pass, see [`cpu`]); elsewhere they are
+//! compositions of plain Candle ops ([`reference`]), which also serve as the oracle in tests.
+//! Setting `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
+
+pub mod cpu;
+pub mod reference;
+
+use candle_core::{DType, Result, Tensor};
+use std::sync::OnceLock;
+
+fn plain_forced() -> bool {
+    static PLAIN: OnceLock<bool> = OnceLock::new();
+    *PLAIN.get_or_init(|| std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty()))
+}
+
+/// Whether the fast CPU kernels handle tensors like `x`.
+pub fn use_fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && !plain_forced()
+}
+
+/// 2-D convolution with bias: x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout].
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if use_fast_path(x) {
+        cpu::conv2d(x, weight, bias, stride, padding)
+    } else {
+        reference::conv2d(x, weight, bias, stride, padding)
+    }
+}
+
+/// GroupNorm over `groups` of x [B, C, ...], then `h·(1 + scale) + shift` when given
+/// (scale and shift [B, C]), then SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    scale_shift: Option<(&Tensor, &Tensor)>,
+    silu: bool,
+) -> Result<Tensor> {
+    if use_fast_path(x) {
+        cpu::group_norm(x, groups, weight, bias, eps, scale_shift, silu)
+    } else {
+        reference::group_norm(x, groups, weight, bias, eps, scale_shift, silu)
+    }
+}
+
+/// Multi-head QKV attention on qkv [B, heads·3·ch, T] laid out per head as (q, k, v).
+pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    reference::attention(qkv, heads)
+}
+
+/// Nearest-neighbour ×2 upsampling of [B, C, H, W].
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    if use_fast_path(x) {
+        cpu::upsample_nearest2x(x)
+    } else {
+        reference::upsample_nearest2x(x)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,102 @@
+//! Every fast kernel against the plain-Candle oracle: outputs and gradients on random inputs.
+
+use super::{cpu, reference};
+use candle_core::{DType, Device, Tensor, Var};
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    // A cheap deterministic pseudo-random fill in [-1, 1].
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let mut z = (i as u64).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let d: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let s: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert!(d <= tol * s.max(1.0), "{what}: max diff {d} (scale {s})");
+}
+
+/// Runs f on fresh Vars built from `inputs`, returns the output and the gradients of
+/// sum(output · probe) with respect to each input.
+fn run(inputs: &[Tensor], probe_seed: u64, f: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let probe = rand(out.dims(), probe_seed);
+    let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = vars.iter().map(|v| grads.get(v.as_tensor()).expect("gradient").clone()).collect();
+    (out, g)
+}
+
+#[test]
+fn conv2d_matches_candle_forward_and_backward() {
+    for &(b, ci, co, h, k, stride, pad) in &[(2, 3, 5, 7, 3, 1, 1), (3, 4, 4, 8, 3, 2, 1), (2, 6, 3, 5, 1, 1, 0), (1, 2, 3, 7, 3, 2, 1)] {
+        let inputs = [rand(&[b, ci, h, h], 1), rand(&[co, ci, k, k], 2), rand(&[co], 3)];
+        let (o1, g1) = run(&inputs, 9, |t| cpu::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap());
+        let (o2, g2) = run(&inputs, 9, |t| reference::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap());
+        let what = format!("conv k{k} s{stride} p{pad}");
+        close(&o1, &o2, 1e-5, &format!("{what} output"));
+        for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
+            close(&g1[i], &g2[i], 1e-4, &format!("{what} {name}"));
+        }
+    }
+}
+
+#[test]
+fn group_norm_matches_candle_in_every_variant() {
+    let (b, c, h) = (3, 64, 5);
+    for (ss, silu) in [(false, false), (false, true), (true, true), (true, false)] {
+        let mut inputs = vec![(rand(&[b, c, h, h], 4) * 3.0).unwrap(), (rand(&[c], 5) + 1.0).unwrap(), rand(&[c], 6)];
+        if ss {
+            inputs.push(rand(&[b, c], 7));
+            inputs.push(rand(&[b, c], 8));
+        }
+        let f = |fast: bool| {
+            move |t: &[Tensor]| {
+                let s = if ss { Some((&t[3], &t[4])) } else { None };
+                if fast {
+                    cpu::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
+                } else {
+                    reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
+                }
+            }
+        };
+        let (o1, g1) = run(&inputs, 10, f(true));
+        let (o2, g2) = run(&inputs, 10, f(false));
+        close(&o1, &o2, 1e-5, &format!("gn ss={ss} silu={silu} output"));
+        for i in 0..inputs.len() {
+            close(&g1[i], &g2[i], 1e-4, &format!("gn ss={ss} silu={silu} grad {i}"));
+        }
+    }
+    // 3-D input, as in attention blocks.
+    let inputs = [rand(&[2, 32, 49], 11), rand(&[32], 12), rand(&[32], 13)];
+    let (o1, g1) = run(&inputs, 14, |t| cpu::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap());
+    let (o2, g2) = run(&inputs, 14, |t| reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap());
+    close(&o1, &o2, 1e-5, "gn 3-D output");
+    for i in 0..3 {
+        close(&g1[i], &g2[i], 1e-4, "gn 3-D grad");
+    }
+}
+
+#[test]
+fn upsample_matches_candle() {
+    let inputs = [rand(&[2, 3, 4, 5], 15)];
+    let (o1, g1) = run(&inputs, 16, |t| cpu::upsample_nearest2x(&t[0]).unwrap());
+    let (o2, g2) = run(&inputs, 16, |t| reference::upsample_nearest2x(&t[0]).unwrap());
+    close(&o1, &o2, 0.0, "upsample output");
+    close(&g1[0], &g2[0], 1e-6, "upsample grad");
+}
+
+#[test]
+fn fast_path_only_for_cpu_f32() {
+    assert!(super::use_fast_path(&rand(&[1], 0)) || std::env::var_os("DDPM_PLAIN_OPS").is_some());
+    assert!(!super::use_fast_path(&rand(&[1], 0).to_dtype(DType::F64).unwrap()));
+}
