@@ -62,6 +62,7 @@ fn shared_dir() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    ddpm_train::tune_mimalloc();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

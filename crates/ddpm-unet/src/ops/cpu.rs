@@ -114,11 +114,12 @@ impl ConvGeom {
                         }
                         let xr = &xc[iy as usize * self.w..(iy as usize + 1) * self.w];
                         if self.stride == 1 {
-                            // Contiguous run with zero borders.
-                            for (ox, o) in out.iter_mut().enumerate() {
-                                let ix = (ox + kx) as isize - self.pad as isize;
-                                *o = if ix >= 0 && (ix as usize) < self.w { xr[ix as usize] } else { 0.0 };
-                            }
+                            // A shifted copy of the input row, zero outside it.
+                            let (lo, hi) = self.valid_range(kx);
+                            out[..lo].fill(0.0);
+                            out[hi..].fill(0.0);
+                            let start = (lo + kx) - self.pad;
+                            out[lo..hi].copy_from_slice(&xr[start..start + (hi - lo)]);
                         } else {
                             for (ox, o) in out.iter_mut().enumerate() {
                                 let ix = (ox * self.stride + kx) as isize - self.pad as isize;
@@ -129,6 +130,13 @@ impl ConvGeom {
                 }
             }
         }
+    }
+
+    /// For stride 1: the output columns [lo, hi) whose input column ox + kx - pad is inside.
+    fn valid_range(&self, kx: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kx).min(self.wo);
+        let hi = (self.w + self.pad).saturating_sub(kx).min(self.wo).max(lo);
+        (lo, hi)
     }
 
     /// Adds cols[K, N] back into one image's gradient (the adjoint of im2col).
@@ -145,10 +153,19 @@ impl ConvGeom {
                             continue;
                         }
                         let dr = &mut dxc[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        for ox in 0..self.wo {
-                            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                            if ix >= 0 && (ix as usize) < self.w {
-                                dr[ix as usize] += row[oy * self.wo + ox];
+                        let src = &row[oy * self.wo..(oy + 1) * self.wo];
+                        if self.stride == 1 {
+                            let (lo, hi) = self.valid_range(kx);
+                            let start = (lo + kx) - self.pad;
+                            for (d, &v) in dr[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                                *d += v;
+                            }
+                        } else {
+                            for (ox, &v) in src.iter().enumerate() {
+                                let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                                if ix >= 0 && (ix as usize) < self.w {
+                                    dr[ix as usize] += v;
+                                }
                             }
                         }
                     }
