@@ -2,6 +2,7 @@
 //! golden tests and benchmarks).
 
 mod bench;
+mod mnist;
 mod reference;
 
 #[global_allocator]
@@ -30,6 +31,10 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Fetch MNIST from the canonical mirrors (or --mirror / MNIST_MIRROR), verified by SHA-256.
+    DownloadMnist(mnist::DownloadArgs),
+    /// Download MNIST if needed and train a diffusion model on it (the main job).
+    TrainMnist(mnist::TrainMnistArgs),
     /// Measure training and sampling throughput (side by side with the original when
     /// REF_PYTHON and REF_SRC are set).
     Bench {
@@ -63,6 +68,10 @@ fn shared_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     ddpm_train::tune_mimalloc();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -86,6 +95,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::DownloadMnist(args) => {
+            mnist::download(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TrainMnist(args) => {
+            mnist::train(&args)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { json, batch, warmup, iters } => {
             bench::run(bench::BenchOptions { batch, warmup, iters, json })?;

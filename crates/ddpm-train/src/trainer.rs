@@ -361,7 +361,16 @@ impl Trainer {
             if self.step % self.cfg.log_interval == 0 {
                 let secs = window.elapsed().as_secs_f64();
                 let record = log.finish(self.step, stats.lr, log.images as f64 / secs);
-                tracing::info!(target: "ddpm_train", "{}", record);
+                tracing::info!(
+                    "step {} loss {:.4} mse {:.4} vb {:.4} grad {:.3} lr {:.2e} {:.1} img/s",
+                    self.step,
+                    record["loss"].as_f64().unwrap_or(f64::NAN),
+                    record["mse"].as_f64().unwrap_or(f64::NAN),
+                    record["vb"].as_f64().unwrap_or(f64::NAN),
+                    record["grad_norm"].as_f64().unwrap_or(f64::NAN),
+                    stats.lr,
+                    record["images_per_sec"].as_f64().unwrap_or(f64::NAN),
+                );
                 writeln!(metrics, "{record}").map_err(|e| TrainError::Io { path: metrics_path.clone(), source: e })?;
                 log = LogAccum::new(self.diffusion.num_timesteps());
                 window = Instant::now();

@@ -1,0 +1,55 @@
+//! `ddpm-cli`: train and sample diffusion models on MNIST-style data.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "ddpm-cli", version, about = "Denoising diffusion models (DDPM / Improved DDPM) in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a diffusion model (flags as improved-diffusion's image_train.py).
+    Train(ddpm_cli::train::TrainArgs),
+}
+
+fn main() -> ExitCode {
+    ddpm_train::tune_mimalloc();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            ctrlc::set_handler(move || {
+                if s.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
+            })?;
+            ddpm_cli::train::run(&args, Some(stop))?;
+            Ok(())
+        }
+    }
+}

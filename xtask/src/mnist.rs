@@ -1,0 +1,134 @@
+//! `cargo xtask download-mnist` and `cargo xtask train-mnist`.
+
+use anyhow::Result;
+use clap::{Args, Parser, ValueEnum};
+use ddpm_cli::train::TrainArgs;
+use ddpm_train::download::{download_mnist, MNIST_MIRRORS};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Options of `download-mnist`.
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    /// Where to put the four decompressed IDX files.
+    #[arg(long, default_value = "data/mnist")]
+    pub dir: PathBuf,
+    /// A mirror to try first: a URL or a local folder with the .gz files (env MNIST_MIRROR).
+    #[arg(long, env = "MNIST_MIRROR")]
+    pub mirror: Option<String>,
+}
+
+/// Fetches what is missing and says what it did.
+pub fn download(args: &DownloadArgs) -> Result<()> {
+    let mut mirrors: Vec<String> = args.mirror.iter().cloned().collect();
+    mirrors.extend(MNIST_MIRRORS.iter().map(|m| m.to_string()));
+    let fetched = download_mnist(&args.dir, &mirrors)?;
+    if fetched.is_empty() {
+        println!("MNIST already present and verified in {}", args.dir.display());
+    } else {
+        println!("fetched {} into {} (SHA-256 verified)", fetched.join(", "), args.dir.display());
+    }
+    Ok(())
+}
+
+/// Training presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// A few steps of a small model: checks the whole pipeline in under a minute.
+    Tiny,
+    /// The MNIST UNet for a short run (blurry digit shapes).
+    Small,
+    /// The MNIST UNet long enough for recognisable digits.
+    Base,
+}
+
+/// Options of `train-mnist`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainMnistArgs {
+    /// The training recipe.
+    #[arg(long, value_enum, default_value = "base")]
+    pub preset: Preset,
+    /// Override the preset's number of steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Run folder (default runs/mnist-PRESET).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Train a class-conditional model.
+    #[arg(long)]
+    pub class_cond: bool,
+    /// Resume from this checkpoint folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[command(flatten)]
+    pub download: DownloadArgs,
+}
+
+/// The `ddpm-cli train` flags of a preset.
+pub fn preset_args(preset: Preset) -> TrainArgs {
+    let base: Vec<&str> = vec!["train"];
+    let extra: &[&str] = match preset {
+        Preset::Tiny => &[
+            "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "14", "--num-heads", "1",
+            "--batch-size", "8", "--steps", "12", "--lr", "2e-4", "--ema-rate", "0.9",
+            "--log-interval", "4", "--save-interval", "6", "--sample-interval", "12",
+            "--sample-count", "4", "--sample-respacing", "10",
+        ],
+        Preset::Small => &[
+            "--batch-size", "32", "--steps", "500", "--lr", "2e-4", "--ema-rate", "0.995",
+            "--log-interval", "10", "--save-interval", "250", "--sample-interval", "250",
+            "--sample-respacing", "100",
+        ],
+        Preset::Base => &[
+            "--batch-size", "32", "--steps", "6000", "--lr", "2e-4", "--ema-rate", "0.999",
+            "--log-interval", "10", "--save-interval", "250", "--sample-interval", "500",
+            "--sample-respacing", "100",
+        ],
+    };
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+    #[derive(clap::Subcommand)]
+    enum Cmd {
+        Train(TrainArgs),
+    }
+    let argv = std::iter::once("ddpm-cli").chain(base).chain(extra.iter().copied());
+    let Cmd::Train(args) = Wrapper::parse_from(argv).cmd;
+    args
+}
+
+/// Downloads MNIST if needed, then trains the preset.
+pub fn train(args: &TrainMnistArgs) -> Result<()> {
+    download(&args.download)?;
+    let name = format!("{:?}", args.preset).to_lowercase();
+    let mut t = preset_args(args.preset);
+    t.data = args.download.dir.clone();
+    t.out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/mnist-{name}")));
+    if let Some(s) = args.steps {
+        t.steps = s;
+    }
+    t.class_cond = args.class_cond;
+    t.resume_checkpoint = args.resume.clone();
+    t.seed = args.seed;
+    t.device = args.device.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
+    })?;
+    let outcome = ddpm_cli::train::run(&t, Some(stop))?;
+    println!("{outcome:?}");
+    Ok(())
+}
