@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Train a diffusion model (flags as improved-diffusion's image_train.py).
     Train(ddpm_cli::train::TrainArgs),
+    /// Sample images from a checkpoint: PNG grid, npz, GIF of the chain.
+    Sample(ddpm_cli::sample::SampleArgs),
+    /// Bits/dim (the variational bound) of a checkpoint on a data split.
+    Nll(ddpm_cli::nll::NllArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +53,14 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
             })?;
             ddpm_cli::train::run(&args, Some(stop))?;
+            Ok(())
+        }
+        Command::Sample(args) => {
+            ddpm_cli::sample::run(&args)?;
+            Ok(())
+        }
+        Command::Nll(args) => {
+            ddpm_cli::nll::run(&args)?;
             Ok(())
         }
     }

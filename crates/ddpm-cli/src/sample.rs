@@ -1,1 +1,189 @@
-pub fn placeholder() {}
+//! `ddpm-cli sample`: PNG grids, npz arrays and GIFs of the denoising chain.
+
+use crate::parse_device;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, Sampler};
+use ddpm_train::checkpoint::load_model;
+use image::{Delay, Frame, RgbaImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+
+/// Options of `ddpm-cli sample`.
+#[derive(Debug, Clone, Args)]
+pub struct SampleArgs {
+    /// Checkpoint folder (checkpoint-NNNNNNN).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// EMA rate whose weights to use ("model" for the raw weights; default: the first EMA).
+    #[arg(long)]
+    pub ema: Option<String>,
+    /// Number of samples.
+    #[arg(long, default_value_t = 64)]
+    pub num: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Timestep respacing: "" (all steps), "250", "ddim50", ...
+    #[arg(long, default_value = "")]
+    pub respacing: String,
+    /// Use DDIM instead of ancestral sampling.
+    #[arg(long)]
+    pub ddim: bool,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Clamp the predicted x_0 to [-1, 1] at every step.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub clip_denoised: bool,
+    /// Seed: the same seed and settings give byte-identical files.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Class label for every sample (class-conditional models; default: random labels).
+    #[arg(long)]
+    pub class: Option<u32>,
+    /// PNG grid of the samples.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// npz with the samples (`arr_0`, NHWC uint8) and labels (`arr_1`), as the original.
+    #[arg(long)]
+    pub npz: Option<PathBuf>,
+    /// Animated GIF of the chain of the first batch.
+    #[arg(long)]
+    pub gif: Option<PathBuf>,
+    /// What the GIF shows: xt, x0 or both (side by side).
+    #[arg(long, default_value = "both")]
+    pub gif_show: String,
+    /// Frames in the GIF (one every total/frames steps, plus the last).
+    #[arg(long, default_value_t = 40)]
+    pub gif_frames: usize,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// What `sample` produced.
+pub struct Samples {
+    /// The images, [N, C, H, W] in [-1, 1].
+    pub images: Tensor,
+    /// Their labels (0 for unconditional models).
+    pub labels: Vec<i64>,
+}
+
+/// Runs `sample` and writes the requested files.
+pub fn run(args: &SampleArgs) -> Result<Samples> {
+    if args.out.is_none() && args.npz.is_none() && args.gif.is_none() {
+        bail!("nothing to write: give --out grid.png, --npz FILE and/or --gif FILE");
+    }
+    if args.num == 0 || args.batch_size == 0 {
+        bail!("--num and --batch-size must be positive");
+    }
+    if !matches!(args.gif_show.as_str(), "xt" | "x0" | "both") {
+        bail!("--gif-show must be xt, x0 or both, not {:?}", args.gif_show);
+    }
+    let device: Device = parse_device(&args.device)?;
+    let ema = args.ema.as_deref().map(|e| if e == "model" { "" } else { e });
+    let loaded = load_model(&args.checkpoint, ema, &device)?;
+    let meta = &loaded.meta;
+    let classes = meta.model.num_classes;
+    match (args.class, classes) {
+        (Some(_), None) => bail!("--class given but the model in {} is unconditional", args.checkpoint.display()),
+        (Some(c), Some(k)) if c as usize >= k => bail!("--class {c} is outside 0..{k}"),
+        _ => {}
+    }
+    let cfg = meta.diffusion.to_config(Some(&args.respacing)).context("--respacing")?;
+    let diffusion = GaussianDiffusion::new(&cfg).with_context(|| format!("--respacing {:?}", args.respacing))?;
+    let sampler = if args.ddim { Sampler::Ddim { eta: args.eta } } else { Sampler::Ddpm };
+    let [h, w] = meta.image_size;
+    let c = meta.model.in_channels;
+    let total_steps = diffusion.num_timesteps();
+    let batches = args.num.div_ceil(args.batch_size);
+    let bar = if args.no_progress {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new((batches * total_steps) as u64);
+        b.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta}").expect("valid template"));
+        b
+    };
+    tracing::info!("sampling {} images with {} weights, {} steps ({:?})", args.num, loaded.weights, total_steps, sampler);
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    let every = (total_steps / args.gif_frames.max(1)).max(1);
+    let mut frames: Vec<(Tensor, Tensor)> = Vec::new();
+    for bi in 0..batches {
+        let n = args.batch_size.min(args.num - bi * args.batch_size);
+        let y: Option<Vec<u32>> = classes.map(|k| (0..n).map(|_| args.class.unwrap_or_else(|| rng.random_range(0..k as u32))).collect());
+        let y_t = y.as_ref().map(|v| Tensor::from_vec(v.clone(), n, &device)).transpose()?;
+        let x_t = randn(&mut rng, (n, c, h, w), DType::F32, &device)?;
+        let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(rng.random()));
+        let record = bi == 0 && args.gif.is_some();
+        let model = &loaded.model;
+        let out = diffusion.sample_loop(
+            |x, ts| model.forward(x, ts, y_t.as_ref(), false).map_err(candle_core::Error::wrap),
+            x_t,
+            sampler,
+            args.clip_denoised,
+            &mut noise,
+            |s| {
+                bar.inc(1);
+                if record && (s.step % every == 0 || s.step == s.total || s.step == 1) {
+                    frames.push((s.sample.clone(), s.pred_xstart.clone()));
+                }
+            },
+        )?;
+        images.push(out);
+        labels.extend(y.unwrap_or_else(|| vec![0; n]).into_iter().map(i64::from));
+    }
+    bar.finish_and_clear();
+    let images = Tensor::cat(&images, 0)?;
+    if let Some(path) = &args.out {
+        ddpm_train::grid::save_grid_png(&images, path)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.npz {
+        let (bytes, [n, hh, ww, cc]) = ddpm_train::grid::to_u8_nhwc(&images)?;
+        let arr0 = Tensor::from_vec(bytes, (n, hh, ww, cc), &Device::Cpu)?;
+        let arr1 = Tensor::from_vec(labels.clone(), n, &Device::Cpu)?;
+        let tmp = path.with_extension("npz.tmp");
+        Tensor::write_npz(&[("arr_0", &arr0), ("arr_1", &arr1)], &tmp)?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.gif {
+        write_gif(&frames, &args.gif_show, path)?;
+        println!("wrote {} ({} frames)", path.display(), frames.len());
+    }
+    Ok(Samples { images, labels })
+}
+
+/// Writes the recorded (x_t, predicted x_0) pairs as an animated GIF of grids.
+fn write_gif(frames: &[(Tensor, Tensor)], show: &str, path: &std::path::Path) -> Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut enc = image::codecs::gif::GifEncoder::new(std::io::BufWriter::new(file));
+    enc.set_repeat(image::codecs::gif::Repeat::Infinite)?;
+    for (i, (xt, x0)) in frames.iter().enumerate() {
+        let grid = |t: &Tensor| ddpm_train::grid::make_grid(&t.clamp(-1f32, 1f32)?);
+        let img = match show {
+            "xt" => grid(xt)?,
+            "x0" => grid(x0)?,
+            _ => {
+                let (a, b) = (grid(xt)?, grid(x0)?);
+                let mut both = image::GrayImage::from_pixel(a.width() + b.width() + 4, a.height(), image::Luma([255]));
+                image::imageops::replace(&mut both, &a, 0, 0);
+                image::imageops::replace(&mut both, &b, (a.width() + 4) as i64, 0);
+                both
+            }
+        };
+        let rgba: RgbaImage = image::DynamicImage::ImageLuma8(img).to_rgba8();
+        // Hold the last frame for two seconds.
+        let ms = if i + 1 == frames.len() { 2000 } else { 80 };
+        enc.encode_frame(Frame::from_parts(rgba, 0, 0, Delay::from_numer_denom_ms(ms, 1)))?;
+    }
+    Ok(())
+}

@@ -189,3 +189,45 @@ mod tests {
         assert!(CheckpointMeta::read(d.path()).is_err());
     }
 }
+
+/// A model loaded from a checkpoint folder for sampling or evaluation.
+pub struct LoadedModel {
+    /// The checkpoint's settings.
+    pub meta: CheckpointMeta,
+    /// The network with the chosen weights.
+    pub model: ddpm_unet::UNet,
+    /// Which weights were loaded: "model" or "ema_<rate>".
+    pub weights: String,
+}
+
+/// Loads a checkpoint's network with the EMA weights at `ema` ("" for the raw model weights,
+/// `None` for the first EMA saved, or the raw weights when there is none).
+pub fn load_model(dir: &Path, ema: Option<&str>, device: &candle_core::Device) -> Result<LoadedModel> {
+    let meta = CheckpointMeta::read(dir)?;
+    let file = match ema {
+        Some("") => MODEL_FILE.to_string(),
+        Some(rate) => {
+            let f = ema_file(rate);
+            if !dir.join(&f).exists() {
+                let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
+                return Err(TrainError::Checkpoint(format!(
+                    "{} has no EMA at rate {rate} (it has: {})",
+                    dir.display(),
+                    if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                )));
+            }
+            f
+        }
+        None => match meta.train.ema_rate.first() {
+            Some(r) if dir.join(ema_file(&r.to_string())).exists() => ema_file(&r.to_string()),
+            _ => MODEL_FILE.to_string(),
+        },
+    };
+    let store = ddpm_unet::ParamStore::new(0, candle_core::DType::F32, device);
+    let model = ddpm_unet::UNet::new(store.var_builder(), &meta.model)?;
+    store
+        .load_safetensors(&dir.join(&file))
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join(&file).display())))?;
+    let weights = file.trim_end_matches(".safetensors").to_string();
+    Ok(LoadedModel { meta, model, weights })
+}

@@ -1,0 +1,126 @@
+//! `ddpm-cli nll`: the variational bound in bits/dim on a data split.
+
+use crate::parse_device;
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::Args;
+use ddpm_schedule::{GaussianDiffusion, RngNoise};
+use ddpm_train::checkpoint::load_model;
+use ddpm_train::{ImageDataset, Split};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+
+/// Options of `ddpm-cli nll`.
+#[derive(Debug, Clone, Args)]
+pub struct NllArgs {
+    /// Checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// EMA rate whose weights to use ("model" for the raw weights; default: the first EMA).
+    #[arg(long)]
+    pub ema: Option<String>,
+    /// Folder with the IDX files.
+    #[arg(long, default_value = "data/mnist")]
+    pub data: PathBuf,
+    /// train or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Number of images (the first N of the split).
+    #[arg(long, default_value_t = 256)]
+    pub num: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Respacing of the evaluated process ("" = all steps, the true bound of the model).
+    #[arg(long, default_value = "")]
+    pub respacing: String,
+    /// Clamp predicted x_0 to [-1, 1].
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub clip_denoised: bool,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Runs `nll` and returns the report as JSON.
+pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
+    if args.num == 0 || args.batch_size == 0 {
+        bail!("--num and --batch-size must be positive");
+    }
+    let device = parse_device(&args.device)?;
+    let ema = args.ema.as_deref().map(|e| if e == "model" { "" } else { e });
+    let loaded = load_model(&args.checkpoint, ema, &device)?;
+    let split: Split = args.split.parse()?;
+    let data = ImageDataset::load(&args.data, split).with_context(|| format!("cannot load {} data from {}", args.split, args.data.display()))?;
+    if [data.height, data.width] != loaded.meta.image_size {
+        bail!("the data's images are {}x{}, the model was trained on {:?}", data.height, data.width, loaded.meta.image_size);
+    }
+    let n = args.num.min(data.len);
+    let diffusion = GaussianDiffusion::new(&loaded.meta.diffusion.to_config(Some(&args.respacing))?)?;
+    let t_total = diffusion.num_timesteps();
+    let bar = if args.no_progress { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new((n.div_ceil(args.batch_size) * t_total) as u64) };
+    let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(args.seed));
+    let (mut totals, mut priors) = (Vec::new(), Vec::new());
+    let mut vb_sum = vec![0f64; t_total];
+    for start in (0..n).step_by(args.batch_size) {
+        let idx: Vec<usize> = (start..(start + args.batch_size).min(n)).collect();
+        let (x, y) = data.batch(&idx, &device)?;
+        let y = loaded.meta.model.num_classes.map(|_| y);
+        let model = &loaded.model;
+        let terms = diffusion.calc_bpd_loop(
+            |xt, ts| model.forward(xt, ts, y.as_ref(), false).map_err(candle_core::Error::wrap),
+            &x,
+            args.clip_denoised,
+            &mut noise,
+            |_, _| bar.inc(1),
+        )?;
+        totals.extend(terms.total_bpd.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        priors.extend(terms.prior_bpd.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        let vb: Vec<Vec<f64>> = terms.vb.to_dtype(DType::F64)?.to_vec2()?;
+        for row in vb {
+            for (s, v) in vb_sum.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let m = totals.len() as f64;
+    let mean = totals.iter().sum::<f64>() / m;
+    let var = totals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
+    let stderr = (var / m).sqrt();
+    let quarters: Vec<f64> = (0..4)
+        .map(|q| (q * t_total / 4..(q + 1) * t_total / 4).map(|t| vb_sum[t] / m).sum())
+        .collect();
+    let report = serde_json::json!({
+        "checkpoint": args.checkpoint.display().to_string(),
+        "weights": loaded.weights,
+        "split": args.split,
+        "num": totals.len(),
+        "timesteps": t_total,
+        "bpd": mean,
+        "bpd_stderr": stderr,
+        "prior_bpd": priors.iter().sum::<f64>() / m,
+        "vb_by_quarter": quarters,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{} images of {} ({} weights, {} timesteps)", totals.len(), args.split, loaded.weights, t_total);
+        println!("bits/dim: {mean:.4} ± {stderr:.4} (standard error)");
+        println!("prior term: {:.3e}", report["prior_bpd"].as_f64().unwrap_or(f64::NAN));
+        for (q, v) in quarters.iter().enumerate() {
+            println!("vb terms, timesteps {}..{}: {v:.4}", q * t_total / 4, (q + 1) * t_total / 4);
+        }
+    }
+    Ok(report)
+}
