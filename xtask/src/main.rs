@@ -2,6 +2,7 @@
 //! golden tests and benchmarks).
 
 mod bench;
+mod golden;
 mod mnist;
 mod reference;
 
@@ -35,6 +36,15 @@ enum Command {
     DownloadMnist(mnist::DownloadArgs),
     /// Download MNIST if needed and train a diffusion model on it (the main job).
     TrainMnist(mnist::TrainMnistArgs),
+    /// Golden-sample regression tests: fixed-seed samples and training losses of a committed model.
+    Golden {
+        /// Rewrite the golden arrays and say what changed.
+        #[arg(long)]
+        bless: bool,
+        /// Retrain the golden model first, from MNIST in this folder (implies --bless).
+        #[arg(long)]
+        retrain: Option<PathBuf>,
+    },
     /// Measure training and sampling throughput (side by side with the original when
     /// REF_PYTHON and REF_SRC are set).
     Bench {
@@ -103,6 +113,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::TrainMnist(args) => {
             mnist::train(&args)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Golden { bless, retrain } => {
+            let ok = golden::run(bless || retrain.is_some(), retrain.as_deref())?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Bench { json, batch, warmup, iters } => {
             bench::run(bench::BenchOptions { batch, warmup, iters, json })?;
