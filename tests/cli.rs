@@ -4,11 +4,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm-cli")).args(args).env("RUST_LOG", "warn").output().expect("ddpm-cli runs")
+    Command::new(env!("CARGO_BIN_EXE_ddpm-cli"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("ddpm-cli runs")
 }
 
 fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "ddpm-cli failed:\n{text}");
     text
 }
@@ -16,8 +24,14 @@ fn ok(out: &Output) -> String {
 /// Fails with a clear message: non-zero exit, `error:` and the expected words, no panic.
 fn fails_with(out: &Output, words: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
-    assert!(err.contains("error") && err.contains(words), "expected {words:?} in:\n{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(
+        err.contains("error") && err.contains(words),
+        "expected {words:?} in:\n{err}"
+    );
     assert!(!err.contains("panicked"), "panic:\n{err}");
 }
 
@@ -39,9 +53,25 @@ fn write_data(dir: &Path) {
 }
 
 const TINY: &[&str] = &[
-    "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "14", "--num-heads", "1",
-    "--batch-size", "4", "--log-interval", "2", "--save-interval", "2", "--sample-interval", "0",
-    "--diffusion-steps", "100", "--no-progress",
+    "--channel-mult",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--attention-resolutions",
+    "14",
+    "--num-heads",
+    "1",
+    "--batch-size",
+    "4",
+    "--log-interval",
+    "2",
+    "--save-interval",
+    "2",
+    "--sample-interval",
+    "0",
+    "--diffusion-steps",
+    "100",
+    "--no-progress",
 ];
 
 /// Trains a 2-step model once and returns (data dir, checkpoint dir).
@@ -50,7 +80,15 @@ fn trained(root: &Path, class_cond: bool) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(&data).unwrap();
     write_data(&data);
     let out = root.join("run");
-    let mut args = vec!["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "2"];
+    let mut args = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+    ];
     args.extend_from_slice(TINY);
     if class_cond {
         args.push("--class-cond");
@@ -63,10 +101,22 @@ fn trained(root: &Path, class_cond: bool) -> (PathBuf, PathBuf) {
 fn train_then_resume_then_sample_png_npz_gif_deterministically() {
     let root = tempfile::tempdir().unwrap();
     let (data, ckpt) = trained(root.path(), false);
-    assert!(ckpt.join("model.safetensors").exists() && ckpt.join("ema_0.9999.safetensors").exists());
+    assert!(
+        ckpt.join("model.safetensors").exists() && ckpt.join("ema_0.9999.safetensors").exists()
+    );
     // Resume to step 4.
     let out = root.path().join("run");
-    let mut args = vec!["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "4", "--resume-checkpoint", ckpt.to_str().unwrap()];
+    let mut args = vec![
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--resume-checkpoint",
+        ckpt.to_str().unwrap(),
+    ];
     args.extend_from_slice(TINY);
     ok(&cli(&args));
     let ck4 = out.join("checkpoint-0000004");
@@ -77,10 +127,31 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
         std::fs::create_dir_all(&d).unwrap();
         let (png, npz, gif) = (d.join("g.png"), d.join("s.npz"), d.join("c.gif"));
         ok(&cli(&[
-            "sample", "--checkpoint", ck4.to_str().unwrap(), "--num", "5", "--batch-size", "3", "--respacing", "10",
-            "--seed", "7", "--out", png.to_str().unwrap(), "--npz", npz.to_str().unwrap(), "--gif", gif.to_str().unwrap(), "--no-progress",
+            "sample",
+            "--checkpoint",
+            ck4.to_str().unwrap(),
+            "--num",
+            "5",
+            "--batch-size",
+            "3",
+            "--respacing",
+            "10",
+            "--seed",
+            "7",
+            "--out",
+            png.to_str().unwrap(),
+            "--npz",
+            npz.to_str().unwrap(),
+            "--gif",
+            gif.to_str().unwrap(),
+            "--no-progress",
         ]));
-        (std::fs::read(png).unwrap(), std::fs::read(&npz).unwrap(), std::fs::read(gif).unwrap(), npz)
+        (
+            std::fs::read(png).unwrap(),
+            std::fs::read(&npz).unwrap(),
+            std::fs::read(gif).unwrap(),
+            npz,
+        )
     };
     let (a, b) = (files("a"), files("b"));
     assert_eq!((&a.0, &a.1, &a.2), (&b.0, &b.1, &b.2));
@@ -93,11 +164,42 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
     assert!(image::load_from_memory(&a.2).is_ok());
     // DDIM with another seed gives different samples.
     let d = root.path().join("ddim.png");
-    ok(&cli(&["sample", "--checkpoint", ck4.to_str().unwrap(), "--num", "5", "--batch-size", "5", "--respacing", "ddim10", "--ddim", "--seed", "8", "--out", d.to_str().unwrap(), "--no-progress"]));
+    ok(&cli(&[
+        "sample",
+        "--checkpoint",
+        ck4.to_str().unwrap(),
+        "--num",
+        "5",
+        "--batch-size",
+        "5",
+        "--respacing",
+        "ddim10",
+        "--ddim",
+        "--seed",
+        "8",
+        "--out",
+        d.to_str().unwrap(),
+        "--no-progress",
+    ]));
     assert_ne!(std::fs::read(d).unwrap(), a.0);
     // nll on the test split.
-    let out = ok(&cli(&["nll", "--checkpoint", ck4.to_str().unwrap(), "--data", data.to_str().unwrap(), "--num", "4", "--respacing", "20", "--json", "--no-progress"]));
-    let line = out.lines().find(|l| l.starts_with('{')).expect("a JSON line");
+    let out = ok(&cli(&[
+        "nll",
+        "--checkpoint",
+        ck4.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--num",
+        "4",
+        "--respacing",
+        "20",
+        "--json",
+        "--no-progress",
+    ]));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
     let report: serde_json::Value = serde_json::from_str(line).unwrap();
     let bpd = report["bpd"].as_f64().unwrap();
     assert!(bpd > 0.5 && bpd < 20.0, "{report}");
@@ -111,8 +213,34 @@ fn class_conditional_sampling_checks_labels() {
     let (_, ckpt) = trained(root.path(), true);
     let png = root.path().join("c.png");
     let c = ckpt.to_str().unwrap();
-    ok(&cli(&["sample", "--checkpoint", c, "--num", "2", "--respacing", "5", "--class", "3", "--out", png.to_str().unwrap(), "--no-progress"]));
-    fails_with(&cli(&["sample", "--checkpoint", c, "--num", "2", "--class", "10", "--out", png.to_str().unwrap()]), "outside 0..10");
+    ok(&cli(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--num",
+        "2",
+        "--respacing",
+        "5",
+        "--class",
+        "3",
+        "--out",
+        png.to_str().unwrap(),
+        "--no-progress",
+    ]));
+    fails_with(
+        &cli(&[
+            "sample",
+            "--checkpoint",
+            c,
+            "--num",
+            "2",
+            "--class",
+            "10",
+            "--out",
+            png.to_str().unwrap(),
+        ]),
+        "outside 0..10",
+    );
 }
 
 #[test]
@@ -121,11 +249,42 @@ fn bad_input_gives_clear_errors() {
     let (data, ckpt) = trained(root.path(), false);
     let png = root.path().join("x.png");
     let (c, p) = (ckpt.to_str().unwrap(), png.to_str().unwrap());
-    fails_with(&cli(&["sample", "--checkpoint", "/no/such/checkpoint", "--out", p]), "not a checkpoint folder");
-    fails_with(&cli(&["sample", "--checkpoint", c, "--class", "1", "--out", p]), "unconditional");
-    fails_with(&cli(&["sample", "--checkpoint", c, "--respacing", "ddim37", "--out", p]), "exactly 37 steps");
-    fails_with(&cli(&["sample", "--checkpoint", c, "--respacing", "5,x", "--out", p]), "\"x\"");
-    fails_with(&cli(&["sample", "--checkpoint", c, "--ema", "0.5", "--out", p]), "no EMA at rate 0.5");
+    fails_with(
+        &cli(&["sample", "--checkpoint", "/no/such/checkpoint", "--out", p]),
+        "not a checkpoint folder",
+    );
+    fails_with(
+        &cli(&["sample", "--checkpoint", c, "--class", "1", "--out", p]),
+        "unconditional",
+    );
+    fails_with(
+        &cli(&[
+            "sample",
+            "--checkpoint",
+            c,
+            "--respacing",
+            "ddim37",
+            "--out",
+            p,
+        ]),
+        "exactly 37 steps",
+    );
+    fails_with(
+        &cli(&[
+            "sample",
+            "--checkpoint",
+            c,
+            "--respacing",
+            "5,x",
+            "--out",
+            p,
+        ]),
+        "\"x\"",
+    );
+    fails_with(
+        &cli(&["sample", "--checkpoint", c, "--ema", "0.5", "--out", p]),
+        "no EMA at rate 0.5",
+    );
     fails_with(&cli(&["sample", "--checkpoint", c]), "nothing to write");
     // A corrupt config.json and a truncated weights file.
     let broken = root.path().join("broken");
@@ -135,16 +294,65 @@ fn bad_input_gives_clear_errors() {
     }
     let w = std::fs::read(broken.join("ema_0.9999.safetensors")).unwrap();
     std::fs::write(broken.join("ema_0.9999.safetensors"), &w[..w.len() / 2]).unwrap();
-    fails_with(&cli(&["sample", "--checkpoint", broken.to_str().unwrap(), "--out", p]), "ema_0.9999.safetensors");
+    fails_with(
+        &cli(&[
+            "sample",
+            "--checkpoint",
+            broken.to_str().unwrap(),
+            "--out",
+            p,
+        ]),
+        "ema_0.9999.safetensors",
+    );
     std::fs::write(broken.join("config.json"), "{\"model\": {}}").unwrap();
-    fails_with(&cli(&["sample", "--checkpoint", broken.to_str().unwrap(), "--out", p]), "config.json");
+    fails_with(
+        &cli(&[
+            "sample",
+            "--checkpoint",
+            broken.to_str().unwrap(),
+            "--out",
+            p,
+        ]),
+        "config.json",
+    );
     // Training: a missing data folder, an architecture that cannot fit 28x28, a bad flag value.
     let out = root.path().join("r2");
     let o = out.to_str().unwrap();
-    fails_with(&cli(&["train", "--data", "/no/such/data", "--out", o]), "cargo xtask download-mnist");
+    fails_with(
+        &cli(&["train", "--data", "/no/such/data", "--out", o]),
+        "cargo xtask download-mnist",
+    );
     let d = data.to_str().unwrap();
-    fails_with(&cli(&["train", "--data", d, "--out", o, "--channel-mult", "1,2,2,2"]), "28→14→7→4→8");
-    fails_with(&cli(&["train", "--data", d, "--out", o, "--num-channels", "48"]), "GroupNorm");
-    fails_with(&cli(&["train", "--data", d, "--out", o, "--schedule-sampler", "magic"]), "unknown schedule sampler");
-    fails_with(&cli(&["nll", "--checkpoint", c, "--data", d, "--split", "val"]), "unknown split");
+    fails_with(
+        &cli(&[
+            "train",
+            "--data",
+            d,
+            "--out",
+            o,
+            "--channel-mult",
+            "1,2,2,2",
+        ]),
+        "28→14→7→4→8",
+    );
+    fails_with(
+        &cli(&["train", "--data", d, "--out", o, "--num-channels", "48"]),
+        "GroupNorm",
+    );
+    fails_with(
+        &cli(&[
+            "train",
+            "--data",
+            d,
+            "--out",
+            o,
+            "--schedule-sampler",
+            "magic",
+        ]),
+        "unknown schedule sampler",
+    );
+    fails_with(
+        &cli(&["nll", "--checkpoint", c, "--data", d, "--split", "val"]),
+        "unknown split",
+    );
 }

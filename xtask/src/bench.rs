@@ -36,24 +36,51 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
 
 /// Synthetic MNIST-shaped data: the benchmark measures compute, not data loading.
 fn synthetic_data(n: usize) -> ImageDataset {
-    let images = IdxArray { dims: vec![n, 28, 28], data: (0..n * 784).map(|i| (i * 37 % 256) as u8).collect() };
-    let labels = IdxArray { dims: vec![n], data: (0..n).map(|i| (i % 10) as u8).collect() };
-    ImageDataset::from_idx(images, labels, Path::new("synthetic"), Path::new("synthetic")).expect("consistent synthetic data")
+    let images = IdxArray {
+        dims: vec![n, 28, 28],
+        data: (0..n * 784).map(|i| (i * 37 % 256) as u8).collect(),
+    };
+    let labels = IdxArray {
+        dims: vec![n],
+        data: (0..n).map(|i| (i % 10) as u8).collect(),
+    };
+    ImageDataset::from_idx(
+        images,
+        labels,
+        Path::new("synthetic"),
+        Path::new("synthetic"),
+    )
+    .expect("consistent synthetic data")
 }
 
 /// Runs our side of the benchmark.
 pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
     let device = Device::Cpu;
     let run_dir = tempfile::tempdir()?;
-    let cfg = TrainConfig { batch_size: opts.batch, sample_interval: 0, ..TrainConfig::default() };
-    let mut trainer = Trainer::new(UNetConfig::mnist(), DiffusionSettings::default(), cfg, synthetic_data(4 * opts.batch), run_dir.path(), &device)?;
+    let cfg = TrainConfig {
+        batch_size: opts.batch,
+        sample_interval: 0,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(
+        UNetConfig::mnist(),
+        DiffusionSettings::default(),
+        cfg,
+        synthetic_data(4 * opts.batch),
+        run_dir.path(),
+        &device,
+    )?;
     let mut times = Vec::new();
     for i in 0..opts.warmup + opts.iters {
         let t0 = Instant::now();
@@ -64,7 +91,13 @@ pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
     }
     let train = opts.batch as f64 / median(times);
     let x = Tensor::randn(0f32, 1.0, (opts.batch, 1, 28, 28), &device)?;
-    let ts = Tensor::from_vec((0..opts.batch).map(|i| (i * 997 % 1000) as f32).collect::<Vec<_>>(), opts.batch, &device)?;
+    let ts = Tensor::from_vec(
+        (0..opts.batch)
+            .map(|i| (i * 997 % 1000) as f32)
+            .collect::<Vec<_>>(),
+        opts.batch,
+        &device,
+    )?;
     let mut times = Vec::new();
     for i in 0..opts.warmup + opts.iters {
         let t0 = Instant::now();
@@ -75,7 +108,11 @@ pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
         }
     }
     let forward = opts.batch as f64 / median(times);
-    Ok(Figures { train_images_per_sec: train, forward_images_per_sec: forward, peak_rss_mib: peak_rss_mib() })
+    Ok(Figures {
+        train_images_per_sec: train,
+        forward_images_per_sec: forward,
+        peak_rss_mib: peak_rss_mib(),
+    })
 }
 
 /// The original's side: the same step in PyTorch, run by `REF_PYTHON` from `REF_SRC`.
@@ -147,16 +184,26 @@ model = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_bloc
         .output()
         .with_context(|| format!("cannot run REF_PYTHON={python}"))?;
     if !out.status.success() {
-        bail!("the reference benchmark failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "the reference benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().context("the reference benchmark printed nothing")?;
-    Ok(Some(serde_json::from_str(line).with_context(|| format!("unexpected reference output: {line}"))?))
+    let line = stdout
+        .lines()
+        .last()
+        .context("the reference benchmark printed nothing")?;
+    Ok(Some(serde_json::from_str(line).with_context(|| {
+        format!("unexpected reference output: {line}")
+    })?))
 }
 
 /// Runs both sides and prints the figures and ratios.
 pub fn run(opts: BenchOptions) -> Result<()> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let ours = bench_ours(&opts)?;
     let reference = bench_reference(&opts, threads)?;
     if opts.json {
@@ -166,18 +213,39 @@ pub fn run(opts: BenchOptions) -> Result<()> {
                 "forward": ours.forward_images_per_sec / r.forward_images_per_sec,
             })
         });
-        println!("{}", serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "original": reference, "ratio": ratio}));
+        println!(
+            "{}",
+            serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "original": reference, "ratio": ratio})
+        );
         return Ok(());
     }
-    println!("MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} iterations", opts.batch, opts.iters);
-    println!("{:<28} {:>12} {:>12} {:>8}", "", "ddpm-rs", "original", "ratio");
+    println!(
+        "MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} iterations",
+        opts.batch, opts.iters
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "", "ddpm-rs", "original", "ratio"
+    );
     let row = |name: &str, a: f64, b: Option<f64>| match b {
         Some(b) => println!("{name:<28} {a:>12.1} {b:>12.1} {:>7.2}x", a / b),
         None => println!("{name:<28} {a:>12.1} {:>12} {:>8}", "-", "-"),
     };
-    row("train images/s", ours.train_images_per_sec, reference.as_ref().map(|r| r.train_images_per_sec));
-    row("forward images/s", ours.forward_images_per_sec, reference.as_ref().map(|r| r.forward_images_per_sec));
-    row("peak RSS MiB", ours.peak_rss_mib, reference.as_ref().map(|r| r.peak_rss_mib));
+    row(
+        "train images/s",
+        ours.train_images_per_sec,
+        reference.as_ref().map(|r| r.train_images_per_sec),
+    );
+    row(
+        "forward images/s",
+        ours.forward_images_per_sec,
+        reference.as_ref().map(|r| r.forward_images_per_sec),
+    );
+    row(
+        "peak RSS MiB",
+        ours.peak_rss_mib,
+        reference.as_ref().map(|r| r.peak_rss_mib),
+    );
     if reference.is_none() {
         println!("(set REF_PYTHON to a Python with torch and REF_SRC to an improved-diffusion checkout for the side-by-side)");
     }

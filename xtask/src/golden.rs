@@ -32,7 +32,8 @@ pub fn golden_dir() -> PathBuf {
 /// The computed golden quantities, by name.
 pub fn compute(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let device = Device::Cpu;
-    let loaded = load_model(&dir.join("model"), None, &device).context("loading the golden model")?;
+    let loaded =
+        load_model(&dir.join("model"), None, &device).context("loading the golden model")?;
     let meta = &loaded.meta;
     let [h, w] = meta.image_size;
     let mut out = HashMap::new();
@@ -43,10 +44,19 @@ pub fn compute(dir: &Path) -> Result<HashMap<String, Tensor>> {
     ] {
         let diffusion = GaussianDiffusion::new(&meta.diffusion.to_config(Some(respacing))?)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let x_t = randn(&mut rng, (4, meta.model.in_channels, h, w), DType::F32, &device)?;
+        let x_t = randn(
+            &mut rng,
+            (4, meta.model.in_channels, h, w),
+            DType::F32,
+            &device,
+        )?;
         let model = &loaded.model;
         let x = diffusion.sample_loop(
-            |x, ts| model.forward(x, ts, None, false).map_err(candle_core::Error::wrap),
+            |x, ts| {
+                model
+                    .forward(x, ts, None, false)
+                    .map_err(candle_core::Error::wrap)
+            },
             x_t,
             sampler,
             true,
@@ -55,19 +65,49 @@ pub fn compute(dir: &Path) -> Result<HashMap<String, Tensor>> {
         )?;
         out.insert(name.to_string(), x);
     }
-    out.insert("train_losses".into(), Tensor::new(training_losses()?.as_slice(), &device)?);
+    out.insert(
+        "train_losses".into(),
+        Tensor::new(training_losses()?.as_slice(), &device)?,
+    );
     Ok(out)
 }
 
 /// The first losses of a fixed-seed run of the golden architecture on fixed synthetic data.
 fn training_losses() -> Result<Vec<f64>> {
     let n = 32;
-    let images = IdxArray { dims: vec![n, 28, 28], data: (0..n * 784).map(|i| ((i * 131 + i / 784 * 17) % 256) as u8).collect() };
-    let labels = IdxArray { dims: vec![n], data: vec![0; n] };
-    let data = ImageDataset::from_idx(images, labels, Path::new("synthetic"), Path::new("synthetic"))?;
+    let images = IdxArray {
+        dims: vec![n, 28, 28],
+        data: (0..n * 784)
+            .map(|i| ((i * 131 + i / 784 * 17) % 256) as u8)
+            .collect(),
+    };
+    let labels = IdxArray {
+        dims: vec![n],
+        data: vec![0; n],
+    };
+    let data = ImageDataset::from_idx(
+        images,
+        labels,
+        Path::new("synthetic"),
+        Path::new("synthetic"),
+    )?;
     let dir = tempfile::tempdir()?;
-    let cfg = TrainConfig { batch_size: 8, microbatch: 4, sample_interval: 0, seed: 11, schedule_sampler: "uniform".into(), ..TrainConfig::default() };
-    let mut t = Trainer::new(golden_model_config(), DiffusionSettings::default(), cfg, data, dir.path(), &Device::Cpu)?;
+    let cfg = TrainConfig {
+        batch_size: 8,
+        microbatch: 4,
+        sample_interval: 0,
+        seed: 11,
+        schedule_sampler: "uniform".into(),
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(
+        golden_model_config(),
+        DiffusionSettings::default(),
+        cfg,
+        data,
+        dir.path(),
+        &Device::Cpu,
+    )?;
     (0..4).map(|_| Ok(t.train_step()?.loss)).collect()
 }
 
@@ -88,7 +128,10 @@ pub fn golden_model_config() -> UNetConfig {
 }
 
 /// Differences between computed and golden arrays, one line each; empty when all agree.
-pub fn differences(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) -> Result<Vec<String>> {
+pub fn differences(
+    got: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     let mut names: Vec<&String> = got.keys().chain(want.keys()).collect();
     names.sort();
@@ -99,7 +142,11 @@ pub fn differences(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>
             continue;
         };
         if g.dims() != w.dims() {
-            lines.push(format!("{name}: shape {:?}, golden {:?}", g.dims(), w.dims()));
+            lines.push(format!(
+                "{name}: shape {:?}, golden {:?}",
+                g.dims(),
+                w.dims()
+            ));
             continue;
         }
         let g: Vec<f64> = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
@@ -108,11 +155,15 @@ pub fn differences(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>
         let mut bad = 0usize;
         for (i, (a, b)) in g.iter().zip(&w).enumerate() {
             let d = (a - b).abs();
-            let limit = if name == "train_losses" { LOSS_RTOL * b.abs() } else { SAMPLE_TOL };
-            if !(d <= limit) {
+            let limit = if name == "train_losses" {
+                LOSS_RTOL * b.abs()
+            } else {
+                SAMPLE_TOL
+            };
+            if d.is_nan() || d > limit {
                 bad += 1;
             }
-            if !(d <= worst) {
+            if d.is_nan() || d > worst {
                 worst = d;
                 at = i;
             }
@@ -132,7 +183,11 @@ pub fn run(bless: bool, retrain_data: Option<&Path>) -> Result<bool> {
     }
     let got = compute(&dir)?;
     let path = dir.join("golden.safetensors");
-    let want = if path.exists() { ddpm_unet::read_safetensors(&path)? } else { HashMap::new() };
+    let want = if path.exists() {
+        ddpm_unet::read_safetensors(&path)?
+    } else {
+        HashMap::new()
+    };
     let diffs = differences(&got, &want)?;
     if bless {
         ddpm_unet::write_safetensors(&got, &path)?;
@@ -147,7 +202,10 @@ pub fn run(bless: bool, retrain_data: Option<&Path>) -> Result<bool> {
         return Ok(true);
     }
     if want.is_empty() {
-        bail!("{} is missing; run cargo xtask golden --bless", path.display());
+        bail!(
+            "{} is missing; run cargo xtask golden --bless",
+            path.display()
+        );
     }
     for d in &diffs {
         println!("GOLDEN MISMATCH {d}");
@@ -173,8 +231,17 @@ pub fn retrain(data: &Path, out: &Path) -> Result<()> {
         seed: 0,
         ..TrainConfig::default()
     };
-    let mut t = Trainer::new(golden_model_config(), DiffusionSettings::default(), cfg, train, run.path(), &Device::Cpu)?;
-    let ddpm_train::RunOutcome::Finished(ckpt) = t.run(true)? else { bail!("golden training was interrupted") };
+    let mut t = Trainer::new(
+        golden_model_config(),
+        DiffusionSettings::default(),
+        cfg,
+        train,
+        run.path(),
+        &Device::Cpu,
+    )?;
+    let ddpm_train::RunOutcome::Finished(ckpt) = t.run(true)? else {
+        bail!("golden training was interrupted")
+    };
     std::fs::create_dir_all(out)?;
     for f in ["config.json", "ema_0.99.safetensors"] {
         std::fs::copy(ckpt.join(f), out.join(f))?;

@@ -79,7 +79,9 @@ fn shared_dir() -> PathBuf {
 fn main() -> ExitCode {
     ddpm_train::tune_mimalloc();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -116,10 +118,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Golden { bless, retrain } => {
             let ok = golden::run(bless || retrain.is_some(), retrain.as_deref())?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Bench { json, batch, warmup, iters } => {
-            bench::run(bench::BenchOptions { batch, warmup, iters, json })?;
+        Command::Bench {
+            json,
+            batch,
+            warmup,
+            iters,
+        } => {
+            bench::run(bench::BenchOptions {
+                batch,
+                warmup,
+                iters,
+                json,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -25,9 +25,16 @@ pub fn download(args: &DownloadArgs) -> Result<()> {
     mirrors.extend(MNIST_MIRRORS.iter().map(|m| m.to_string()));
     let fetched = download_mnist(&args.dir, &mirrors)?;
     if fetched.is_empty() {
-        println!("MNIST already present and verified in {}", args.dir.display());
+        println!(
+            "MNIST already present and verified in {}",
+            args.dir.display()
+        );
     } else {
-        println!("fetched {} into {} (SHA-256 verified)", fetched.join(", "), args.dir.display());
+        println!(
+            "fetched {} into {} (SHA-256 verified)",
+            fetched.join(", "),
+            args.dir.display()
+        );
     }
     Ok(())
 }
@@ -76,20 +83,68 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
     let base: Vec<&str> = vec!["train"];
     let extra: &[&str] = match preset {
         Preset::Tiny => &[
-            "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "14", "--num-heads", "1",
-            "--batch-size", "8", "--steps", "12", "--lr", "2e-4", "--ema-rate", "0.9",
-            "--log-interval", "4", "--save-interval", "6", "--sample-interval", "12",
-            "--sample-count", "4", "--sample-respacing", "10",
+            "--channel-mult",
+            "1,2",
+            "--num-res-blocks",
+            "1",
+            "--attention-resolutions",
+            "14",
+            "--num-heads",
+            "1",
+            "--batch-size",
+            "8",
+            "--steps",
+            "12",
+            "--lr",
+            "2e-4",
+            "--ema-rate",
+            "0.9",
+            "--log-interval",
+            "4",
+            "--save-interval",
+            "6",
+            "--sample-interval",
+            "12",
+            "--sample-count",
+            "4",
+            "--sample-respacing",
+            "10",
         ],
         Preset::Small => &[
-            "--batch-size", "32", "--steps", "500", "--lr", "2e-4", "--ema-rate", "0.995",
-            "--log-interval", "10", "--save-interval", "250", "--sample-interval", "250",
-            "--sample-respacing", "100",
+            "--batch-size",
+            "32",
+            "--steps",
+            "500",
+            "--lr",
+            "2e-4",
+            "--ema-rate",
+            "0.995",
+            "--log-interval",
+            "10",
+            "--save-interval",
+            "250",
+            "--sample-interval",
+            "250",
+            "--sample-respacing",
+            "100",
         ],
         Preset::Base => &[
-            "--batch-size", "32", "--steps", "6000", "--lr", "2e-4", "--ema-rate", "0.999",
-            "--log-interval", "10", "--save-interval", "250", "--sample-interval", "500",
-            "--sample-respacing", "100",
+            "--batch-size",
+            "32",
+            "--steps",
+            "6000",
+            "--lr",
+            "2e-4",
+            "--ema-rate",
+            "0.999",
+            "--log-interval",
+            "10",
+            "--save-interval",
+            "250",
+            "--sample-interval",
+            "500",
+            "--sample-respacing",
+            "100",
         ],
     };
     #[derive(Parser)]
@@ -101,7 +156,9 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
     enum Cmd {
         Train(TrainArgs),
     }
-    let argv = std::iter::once("ddpm-cli").chain(base).chain(extra.iter().copied());
+    let argv = std::iter::once("ddpm-cli")
+        .chain(base)
+        .chain(extra.iter().copied());
     let Cmd::Train(args) = Wrapper::parse_from(argv).cmd;
     args
 }
@@ -112,7 +169,10 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     let name = format!("{:?}", args.preset).to_lowercase();
     let mut t = preset_args(args.preset);
     t.data = args.download.dir.clone();
-    t.out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/mnist-{name}")));
+    t.out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/mnist-{name}")));
     if let Some(s) = args.steps {
         t.steps = s;
     }

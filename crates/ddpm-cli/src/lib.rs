@@ -19,7 +19,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
             }
         }
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx: usize = s.strip_prefix("cuda:").map(|i| i.parse()).transpose()?.unwrap_or(0);
+            let idx: usize = s
+                .strip_prefix("cuda:")
+                .map(|i| i.parse())
+                .transpose()?
+                .unwrap_or(0);
             if cfg!(feature = "cuda") {
                 Ok(Device::new_cuda(idx)?)
             } else {
@@ -34,6 +38,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
 pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
-        .map(|p| p.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{what}: {p:?} in {s:?} is not a valid number")))
+        .map(|p| {
+            p.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{what}: {p:?} in {s:?} is not a valid number"))
+        })
         .collect()
 }

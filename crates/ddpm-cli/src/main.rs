@@ -10,7 +10,11 @@ use std::sync::Arc;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ddpm-cli", version, about = "Denoising diffusion models (DDPM / Improved DDPM) in Rust")]
+#[command(
+    name = "ddpm-cli",
+    version,
+    about = "Denoising diffusion models (DDPM / Improved DDPM) in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,7 +33,9 @@ enum Command {
 fn main() -> ExitCode {
     ddpm_train::tune_mimalloc();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {

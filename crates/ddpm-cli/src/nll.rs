@@ -58,17 +58,36 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         bail!("--num and --batch-size must be positive");
     }
     let device = parse_device(&args.device)?;
-    let ema = args.ema.as_deref().map(|e| if e == "model" { "" } else { e });
+    let ema = args
+        .ema
+        .as_deref()
+        .map(|e| if e == "model" { "" } else { e });
     let loaded = load_model(&args.checkpoint, ema, &device)?;
     let split: Split = args.split.parse()?;
-    let data = ImageDataset::load(&args.data, split).with_context(|| format!("cannot load {} data from {}", args.split, args.data.display()))?;
+    let data = ImageDataset::load(&args.data, split).with_context(|| {
+        format!(
+            "cannot load {} data from {}",
+            args.split,
+            args.data.display()
+        )
+    })?;
     if [data.height, data.width] != loaded.meta.image_size {
-        bail!("the data's images are {}x{}, the model was trained on {:?}", data.height, data.width, loaded.meta.image_size);
+        bail!(
+            "the data's images are {}x{}, the model was trained on {:?}",
+            data.height,
+            data.width,
+            loaded.meta.image_size
+        );
     }
     let n = args.num.min(data.len);
-    let diffusion = GaussianDiffusion::new(&loaded.meta.diffusion.to_config(Some(&args.respacing))?)?;
+    let diffusion =
+        GaussianDiffusion::new(&loaded.meta.diffusion.to_config(Some(&args.respacing))?)?;
     let t_total = diffusion.num_timesteps();
-    let bar = if args.no_progress { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new((n.div_ceil(args.batch_size) * t_total) as u64) };
+    let bar = if args.no_progress {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new((n.div_ceil(args.batch_size) * t_total) as u64)
+    };
     let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(args.seed));
     let (mut totals, mut priors) = (Vec::new(), Vec::new());
     let mut vb_sum = vec![0f64; t_total];
@@ -78,7 +97,11 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         let y = loaded.meta.model.num_classes.map(|_| y);
         let model = &loaded.model;
         let terms = diffusion.calc_bpd_loop(
-            |xt, ts| model.forward(xt, ts, y.as_ref(), false).map_err(candle_core::Error::wrap),
+            |xt, ts| {
+                model
+                    .forward(xt, ts, y.as_ref(), false)
+                    .map_err(candle_core::Error::wrap)
+            },
             &x,
             args.clip_denoised,
             &mut noise,
@@ -99,7 +122,11 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
     let var = totals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
     let stderr = (var / m).sqrt();
     let quarters: Vec<f64> = (0..4)
-        .map(|q| (q * t_total / 4..(q + 1) * t_total / 4).map(|t| vb_sum[t] / m).sum())
+        .map(|q| {
+            (q * t_total / 4..(q + 1) * t_total / 4)
+                .map(|t| vb_sum[t] / m)
+                .sum()
+        })
         .collect();
     let report = serde_json::json!({
         "checkpoint": args.checkpoint.display().to_string(),
@@ -115,11 +142,24 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
     if args.json {
         println!("{report}");
     } else {
-        println!("{} images of {} ({} weights, {} timesteps)", totals.len(), args.split, loaded.weights, t_total);
+        println!(
+            "{} images of {} ({} weights, {} timesteps)",
+            totals.len(),
+            args.split,
+            loaded.weights,
+            t_total
+        );
         println!("bits/dim: {mean:.4} ± {stderr:.4} (standard error)");
-        println!("prior term: {:.3e}", report["prior_bpd"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "prior term: {:.3e}",
+            report["prior_bpd"].as_f64().unwrap_or(f64::NAN)
+        );
         for (q, v) in quarters.iter().enumerate() {
-            println!("vb terms, timesteps {}..{}: {v:.4}", q * t_total / 4, (q + 1) * t_total / 4);
+            println!(
+                "vb terms, timesteps {}..{}: {v:.4}",
+                q * t_total / 4,
+                (q + 1) * t_total / 4
+            );
         }
     }
     Ok(report)

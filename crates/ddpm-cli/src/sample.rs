@@ -87,18 +87,32 @@ pub fn run(args: &SampleArgs) -> Result<Samples> {
         bail!("--gif-show must be xt, x0 or both, not {:?}", args.gif_show);
     }
     let device: Device = parse_device(&args.device)?;
-    let ema = args.ema.as_deref().map(|e| if e == "model" { "" } else { e });
+    let ema = args
+        .ema
+        .as_deref()
+        .map(|e| if e == "model" { "" } else { e });
     let loaded = load_model(&args.checkpoint, ema, &device)?;
     let meta = &loaded.meta;
     let classes = meta.model.num_classes;
     match (args.class, classes) {
-        (Some(_), None) => bail!("--class given but the model in {} is unconditional", args.checkpoint.display()),
+        (Some(_), None) => bail!(
+            "--class given but the model in {} is unconditional",
+            args.checkpoint.display()
+        ),
         (Some(c), Some(k)) if c as usize >= k => bail!("--class {c} is outside 0..{k}"),
         _ => {}
     }
-    let cfg = meta.diffusion.to_config(Some(&args.respacing)).context("--respacing")?;
-    let diffusion = GaussianDiffusion::new(&cfg).with_context(|| format!("--respacing {:?}", args.respacing))?;
-    let sampler = if args.ddim { Sampler::Ddim { eta: args.eta } } else { Sampler::Ddpm };
+    let cfg = meta
+        .diffusion
+        .to_config(Some(&args.respacing))
+        .context("--respacing")?;
+    let diffusion = GaussianDiffusion::new(&cfg)
+        .with_context(|| format!("--respacing {:?}", args.respacing))?;
+    let sampler = if args.ddim {
+        Sampler::Ddim { eta: args.eta }
+    } else {
+        Sampler::Ddpm
+    };
     let [h, w] = meta.image_size;
     let c = meta.model.in_channels;
     let total_steps = diffusion.num_timesteps();
@@ -107,10 +121,21 @@ pub fn run(args: &SampleArgs) -> Result<Samples> {
         indicatif::ProgressBar::hidden()
     } else {
         let b = indicatif::ProgressBar::new((batches * total_steps) as u64);
-        b.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta}").expect("valid template"));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta}",
+            )
+            .expect("valid template"),
+        );
         b
     };
-    tracing::info!("sampling {} images with {} weights, {} steps ({:?})", args.num, loaded.weights, total_steps, sampler);
+    tracing::info!(
+        "sampling {} images with {} weights, {} steps ({:?})",
+        args.num,
+        loaded.weights,
+        total_steps,
+        sampler
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut images = Vec::new();
     let mut labels = Vec::new();
@@ -118,14 +143,25 @@ pub fn run(args: &SampleArgs) -> Result<Samples> {
     let mut frames: Vec<(Tensor, Tensor)> = Vec::new();
     for bi in 0..batches {
         let n = args.batch_size.min(args.num - bi * args.batch_size);
-        let y: Option<Vec<u32>> = classes.map(|k| (0..n).map(|_| args.class.unwrap_or_else(|| rng.random_range(0..k as u32))).collect());
-        let y_t = y.as_ref().map(|v| Tensor::from_vec(v.clone(), n, &device)).transpose()?;
+        let y: Option<Vec<u32>> = classes.map(|k| {
+            (0..n)
+                .map(|_| args.class.unwrap_or_else(|| rng.random_range(0..k as u32)))
+                .collect()
+        });
+        let y_t = y
+            .as_ref()
+            .map(|v| Tensor::from_vec(v.clone(), n, &device))
+            .transpose()?;
         let x_t = randn(&mut rng, (n, c, h, w), DType::F32, &device)?;
         let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(rng.random()));
         let record = bi == 0 && args.gif.is_some();
         let model = &loaded.model;
         let out = diffusion.sample_loop(
-            |x, ts| model.forward(x, ts, y_t.as_ref(), false).map_err(candle_core::Error::wrap),
+            |x, ts| {
+                model
+                    .forward(x, ts, y_t.as_ref(), false)
+                    .map_err(candle_core::Error::wrap)
+            },
             x_t,
             sampler,
             args.clip_denoised,
@@ -164,7 +200,8 @@ pub fn run(args: &SampleArgs) -> Result<Samples> {
 
 /// Writes the recorded (x_t, predicted x_0) pairs as an animated GIF of grids.
 fn write_gif(frames: &[(Tensor, Tensor)], show: &str, path: &std::path::Path) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut enc = image::codecs::gif::GifEncoder::new(std::io::BufWriter::new(file));
     enc.set_repeat(image::codecs::gif::Repeat::Infinite)?;
     for (i, (xt, x0)) in frames.iter().enumerate() {
@@ -174,7 +211,11 @@ fn write_gif(frames: &[(Tensor, Tensor)], show: &str, path: &std::path::Path) ->
             "x0" => grid(x0)?,
             _ => {
                 let (a, b) = (grid(xt)?, grid(x0)?);
-                let mut both = image::GrayImage::from_pixel(a.width() + b.width() + 4, a.height(), image::Luma([255]));
+                let mut both = image::GrayImage::from_pixel(
+                    a.width() + b.width() + 4,
+                    a.height(),
+                    image::Luma([255]),
+                );
                 image::imageops::replace(&mut both, &a, 0, 0);
                 image::imageops::replace(&mut both, &b, (a.width() + 4) as i64, 0);
                 both
@@ -183,7 +224,12 @@ fn write_gif(frames: &[(Tensor, Tensor)], show: &str, path: &std::path::Path) ->
         let rgba: RgbaImage = image::DynamicImage::ImageLuma8(img).to_rgba8();
         // Hold the last frame for two seconds.
         let ms = if i + 1 == frames.len() { 2000 } else { 80 };
-        enc.encode_frame(Frame::from_parts(rgba, 0, 0, Delay::from_numer_denom_ms(ms, 1)))?;
+        enc.encode_frame(Frame::from_parts(
+            rgba,
+            0,
+            0,
+            Delay::from_numer_denom_ms(ms, 1),
+        ))?;
     }
     Ok(())
 }

@@ -125,7 +125,7 @@ impl TrainArgs {
     pub fn model_config(&self, image_size: usize) -> Result<UNetConfig> {
         let mut attention = Vec::new();
         for res in parse_list::<usize>(&self.attention_resolutions, "--attention-resolutions")? {
-            if res == 0 || image_size % res != 0 {
+            if res == 0 || !image_size.is_multiple_of(res) {
                 bail!("--attention-resolutions: {res} does not divide the image size {image_size}");
             }
             attention.push(image_size / res);
@@ -164,7 +164,11 @@ impl TrainArgs {
     pub fn train_config(&self) -> Result<TrainConfig> {
         let cfg = TrainConfig {
             batch_size: self.batch_size,
-            microbatch: if self.microbatch <= 0 { 0 } else { self.microbatch as usize },
+            microbatch: if self.microbatch <= 0 {
+                0
+            } else {
+                self.microbatch as usize
+            },
             lr: self.lr,
             weight_decay: self.weight_decay,
             lr_anneal_steps: self.lr_anneal_steps,
@@ -187,12 +191,23 @@ impl TrainArgs {
 }
 
 /// Runs `train`; `stop` is set by a Ctrl-C handler when there is one.
-pub fn run(args: &TrainArgs, stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) -> Result<RunOutcome> {
+pub fn run(
+    args: &TrainArgs,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<RunOutcome> {
     let device = parse_device(&args.device)?;
-    let data = ImageDataset::load(&args.data, Split::Train)
-        .with_context(|| format!("cannot load training data from {} (cargo xtask download-mnist fetches MNIST)", args.data.display()))?;
+    let data = ImageDataset::load(&args.data, Split::Train).with_context(|| {
+        format!(
+            "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",
+            args.data.display()
+        )
+    })?;
     if data.height != data.width {
-        bail!("only square images are supported, got {}x{}", data.height, data.width);
+        bail!(
+            "only square images are supported, got {}x{}",
+            data.height,
+            data.width
+        );
     }
     let mut trainer = match &args.resume_checkpoint {
         Some(ckpt) => {
@@ -207,7 +222,14 @@ pub fn run(args: &TrainArgs, stop: Option<std::sync::Arc<std::sync::atomic::Atom
         }
         None => {
             let model = args.model_config(data.height)?;
-            Trainer::new(model, args.diffusion(), args.train_config()?, data, &args.out, &device)?
+            Trainer::new(
+                model,
+                args.diffusion(),
+                args.train_config()?,
+                data,
+                &args.out,
+                &device,
+            )?
         }
     };
     if let Some(stop) = stop {

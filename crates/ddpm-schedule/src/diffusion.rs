@@ -519,7 +519,9 @@ impl GaussianDiffusion {
     /// Evaluated in f64 where the device has it: the term is ~1e-10 and f32 rounds it to 0.
     pub fn prior_bpd(&self, x_start: &Tensor) -> Result<Tensor> {
         if x_start.dtype() != DType::F64 && !x_start.device().is_metal() {
-            return Ok(self.prior_bpd(&x_start.to_dtype(DType::F64)?)?.to_dtype(x_start.dtype())?);
+            return Ok(self
+                .prior_bpd(&x_start.to_dtype(DType::F64)?)?
+                .to_dtype(x_start.dtype())?);
         }
         let t = vec![self.num_timesteps() - 1; x_start.dims().first().copied().unwrap_or(0)];
         let q = self.q_mean_variance(x_start, &t)?;

@@ -34,7 +34,9 @@ mod u128_string {
         s.serialize_str(&v.to_string())
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -66,13 +68,17 @@ impl CheckpointMeta {
     /// Reads `config.json` from a checkpoint folder.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Checkpoint(format!(
-            "{} is not a checkpoint folder: cannot read {CONFIG_FILE}: {e}",
-            dir.display()
-        )))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            TrainError::Checkpoint(format!(
+                "{} is not a checkpoint folder: cannot read {CONFIG_FILE}: {e}",
+                dir.display()
+            ))
+        })?;
         let meta: Self = serde_json::from_str(&text)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-        meta.model.validate().map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        meta.model
+            .validate()
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
         Ok(meta)
     }
 }
@@ -84,10 +90,21 @@ pub fn checkpoint_name(step: u64) -> String {
 
 /// Writes a checkpoint folder atomically: files go to a temporary folder that is renamed into
 /// place only when complete, so an interrupted save leaves the previous checkpoints intact.
-pub fn write_checkpoint_dir(run_dir: &Path, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    let io = |path: &Path, e: std::io::Error| TrainError::Io { path: path.to_path_buf(), source: e };
+pub fn write_checkpoint_dir(
+    run_dir: &Path,
+    step: u64,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let io = |path: &Path, e: std::io::Error| TrainError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     let final_dir = run_dir.join(checkpoint_name(step));
-    let tmp = run_dir.join(format!(".{}.tmp{}", checkpoint_name(step), std::process::id()));
+    let tmp = run_dir.join(format!(
+        ".{}.tmp{}",
+        checkpoint_name(step),
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
@@ -97,7 +114,11 @@ pub fn write_checkpoint_dir(run_dir: &Path, step: u64, write: impl FnOnce(&Path)
         return Err(e);
     }
     if final_dir.exists() {
-        let old = run_dir.join(format!(".{}.old{}", checkpoint_name(step), std::process::id()));
+        let old = run_dir.join(format!(
+            ".{}.old{}",
+            checkpoint_name(step),
+            std::process::id()
+        ));
         std::fs::rename(&final_dir, &old).map_err(|e| io(&final_dir, e))?;
         std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
         std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
@@ -131,9 +152,66 @@ pub fn prune_checkpoints(run_dir: &Path, keep: usize) -> Result<()> {
     }
     let all = list_checkpoints(run_dir);
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(dir).map_err(|e| TrainError::Io { path: dir.clone(), source: e })?;
+        std::fs::remove_dir_all(dir).map_err(|e| TrainError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
     }
     Ok(())
+}
+
+/// A model loaded from a checkpoint folder for sampling or evaluation.
+pub struct LoadedModel {
+    /// The checkpoint's settings.
+    pub meta: CheckpointMeta,
+    /// The network with the chosen weights.
+    pub model: ddpm_unet::UNet,
+    /// Which weights were loaded: "model" or "ema_<rate>".
+    pub weights: String,
+}
+
+/// Loads a checkpoint's network with the EMA weights at `ema` ("" for the raw model weights,
+/// `None` for the first EMA saved, or the raw weights when there is none).
+pub fn load_model(
+    dir: &Path,
+    ema: Option<&str>,
+    device: &candle_core::Device,
+) -> Result<LoadedModel> {
+    let meta = CheckpointMeta::read(dir)?;
+    let file = match ema {
+        Some("") => MODEL_FILE.to_string(),
+        Some(rate) => {
+            let f = ema_file(rate);
+            if !dir.join(&f).exists() {
+                let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
+                return Err(TrainError::Checkpoint(format!(
+                    "{} has no EMA at rate {rate} (it has: {})",
+                    dir.display(),
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                )));
+            }
+            f
+        }
+        None => match meta.train.ema_rate.first() {
+            Some(r) if dir.join(ema_file(&r.to_string())).exists() => ema_file(&r.to_string()),
+            _ => MODEL_FILE.to_string(),
+        },
+    };
+    let store = ddpm_unet::ParamStore::new(0, candle_core::DType::F32, device);
+    let model = ddpm_unet::UNet::new(store.var_builder(), &meta.model)?;
+    store
+        .load_safetensors(&dir.join(&file))
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join(&file).display())))?;
+    let weights = file.trim_end_matches(".safetensors").to_string();
+    Ok(LoadedModel {
+        meta,
+        model,
+        weights,
+    })
 }
 
 #[cfg(test)]
@@ -155,15 +233,28 @@ mod tests {
             Err(TrainError::Checkpoint("disk full".into()))
         });
         assert!(e.is_err());
-        assert_eq!(list_checkpoints(run.path()).iter().map(|c| c.0).collect::<Vec<_>>(), vec![5]);
-        assert_eq!(std::fs::read_dir(run.path()).unwrap().count(), 1, "no temporary folder left");
+        assert_eq!(
+            list_checkpoints(run.path())
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            vec![5]
+        );
+        assert_eq!(
+            std::fs::read_dir(run.path()).unwrap().count(),
+            1,
+            "no temporary folder left"
+        );
         // Overwriting the same step replaces it whole.
         write_checkpoint_dir(run.path(), 5, |d| {
             std::fs::write(d.join(CONFIG_FILE), "{\"v\":2}").unwrap();
             Ok(())
         })
         .unwrap();
-        assert_eq!(std::fs::read_to_string(first.join(CONFIG_FILE)).unwrap(), "{\"v\":2}");
+        assert_eq!(
+            std::fs::read_to_string(first.join(CONFIG_FILE)).unwrap(),
+            "{\"v\":2}"
+        );
     }
 
     #[test]
@@ -177,7 +268,13 @@ mod tests {
             .unwrap();
         }
         prune_checkpoints(run.path(), 2).unwrap();
-        assert_eq!(list_checkpoints(run.path()).iter().map(|c| c.0).collect::<Vec<_>>(), vec![30, 40]);
+        assert_eq!(
+            list_checkpoints(run.path())
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            vec![30, 40]
+        );
     }
 
     #[test]
@@ -188,46 +285,4 @@ mod tests {
         std::fs::write(d.path().join(CONFIG_FILE), "{\"model\": 3}").unwrap();
         assert!(CheckpointMeta::read(d.path()).is_err());
     }
-}
-
-/// A model loaded from a checkpoint folder for sampling or evaluation.
-pub struct LoadedModel {
-    /// The checkpoint's settings.
-    pub meta: CheckpointMeta,
-    /// The network with the chosen weights.
-    pub model: ddpm_unet::UNet,
-    /// Which weights were loaded: "model" or "ema_<rate>".
-    pub weights: String,
-}
-
-/// Loads a checkpoint's network with the EMA weights at `ema` ("" for the raw model weights,
-/// `None` for the first EMA saved, or the raw weights when there is none).
-pub fn load_model(dir: &Path, ema: Option<&str>, device: &candle_core::Device) -> Result<LoadedModel> {
-    let meta = CheckpointMeta::read(dir)?;
-    let file = match ema {
-        Some("") => MODEL_FILE.to_string(),
-        Some(rate) => {
-            let f = ema_file(rate);
-            if !dir.join(&f).exists() {
-                let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
-                return Err(TrainError::Checkpoint(format!(
-                    "{} has no EMA at rate {rate} (it has: {})",
-                    dir.display(),
-                    if have.is_empty() { "none".to_string() } else { have.join(", ") }
-                )));
-            }
-            f
-        }
-        None => match meta.train.ema_rate.first() {
-            Some(r) if dir.join(ema_file(&r.to_string())).exists() => ema_file(&r.to_string()),
-            _ => MODEL_FILE.to_string(),
-        },
-    };
-    let store = ddpm_unet::ParamStore::new(0, candle_core::DType::F32, device);
-    let model = ddpm_unet::UNet::new(store.var_builder(), &meta.model)?;
-    store
-        .load_safetensors(&dir.join(&file))
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join(&file).display())))?;
-    let weights = file.trim_end_matches(".safetensors").to_string();
-    Ok(LoadedModel { meta, model, weights })
 }

@@ -18,7 +18,10 @@ pub struct IdxArray {
 }
 
 fn data_err(path: &Path, detail: impl Into<String>) -> TrainError {
-    TrainError::Data { path: path.to_path_buf(), detail: detail.into() }
+    TrainError::Data {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
 }
 
 /// Reads a file, transparently decompressing gzip (detected by its magic bytes).
@@ -38,13 +41,28 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 /// Parses IDX bytes of unsigned-byte data, checking the magic number, dimensions and length.
 pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
     if bytes.len() < 4 {
-        return Err(data_err(path, format!("{} bytes is too short for an IDX header", bytes.len())));
+        return Err(data_err(
+            path,
+            format!("{} bytes is too short for an IDX header", bytes.len()),
+        ));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(data_err(path, format!("bad IDX magic {:02x}{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2], bytes[3])));
+        return Err(data_err(
+            path,
+            format!(
+                "bad IDX magic {:02x}{:02x}{:02x}{:02x}",
+                bytes[0], bytes[1], bytes[2], bytes[3]
+            ),
+        ));
     }
     if bytes[2] != 0x08 {
-        return Err(data_err(path, format!("IDX element type 0x{:02x} is not unsigned byte (0x08)", bytes[2])));
+        return Err(data_err(
+            path,
+            format!(
+                "IDX element type 0x{:02x} is not unsigned byte (0x08)",
+                bytes[2]
+            ),
+        ));
     }
     let ndims = bytes[3] as usize;
     if ndims == 0 {
@@ -52,18 +70,37 @@ pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
     }
     let header = 4 + 4 * ndims;
     if bytes.len() < header {
-        return Err(data_err(path, format!("truncated IDX header: {} dimensions need {header} bytes, file has {}", ndims, bytes.len())));
+        return Err(data_err(
+            path,
+            format!(
+                "truncated IDX header: {} dimensions need {header} bytes, file has {}",
+                ndims,
+                bytes.len()
+            ),
+        ));
     }
     let dims: Vec<usize> = (0..ndims)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .map(|i| {
+            u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
+        })
         .collect();
     let n: usize = dims.iter().product();
     let have = bytes.len() - header;
     if have != n {
-        let what = if have < n { "truncated" } else { "has trailing bytes" };
-        return Err(data_err(path, format!("IDX data {what}: dimensions {dims:?} need {n} bytes, found {have}")));
+        let what = if have < n {
+            "truncated"
+        } else {
+            "has trailing bytes"
+        };
+        return Err(data_err(
+            path,
+            format!("IDX data {what}: dimensions {dims:?} need {n} bytes, found {have}"),
+        ));
     }
-    Ok(IdxArray { dims, data: bytes[header..].to_vec() })
+    Ok(IdxArray {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
 }
 
 /// Reads and validates an IDX file (gzip or raw).
@@ -95,7 +132,9 @@ impl std::str::FromStr for Split {
         match s {
             "train" => Ok(Split::Train),
             "test" | "t10k" => Ok(Split::Test),
-            _ => Err(TrainError::Config(format!("unknown split {s:?} (expected train or test)"))),
+            _ => Err(TrainError::Config(format!(
+                "unknown split {s:?} (expected train or test)"
+            ))),
         }
     }
 }
@@ -134,20 +173,45 @@ impl ImageDataset {
     }
 
     /// Pairs an image array [N, H, W] with a label array [N].
-    pub fn from_idx(images: IdxArray, labels: IdxArray, images_path: &Path, labels_path: &Path) -> Result<Self> {
+    pub fn from_idx(
+        images: IdxArray,
+        labels: IdxArray,
+        images_path: &Path,
+        labels_path: &Path,
+    ) -> Result<Self> {
         if images.dims.len() != 3 {
-            return Err(data_err(images_path, format!("expected images [N, H, W], found dimensions {:?}", images.dims)));
+            return Err(data_err(
+                images_path,
+                format!(
+                    "expected images [N, H, W], found dimensions {:?}",
+                    images.dims
+                ),
+            ));
         }
         if labels.dims.len() != 1 {
-            return Err(data_err(labels_path, format!("expected labels [N], found dimensions {:?}", labels.dims)));
+            return Err(data_err(
+                labels_path,
+                format!("expected labels [N], found dimensions {:?}", labels.dims),
+            ));
         }
         if images.dims[0] != labels.dims[0] {
             return Err(data_err(
                 labels_path,
-                format!("{} labels for {} images in {}", labels.dims[0], images.dims[0], images_path.display()),
+                format!(
+                    "{} labels for {} images in {}",
+                    labels.dims[0],
+                    images.dims[0],
+                    images_path.display()
+                ),
             ));
         }
-        Ok(Self { len: images.dims[0], height: images.dims[1], width: images.dims[2], images: images.data, labels: labels.data })
+        Ok(Self {
+            len: images.dims[0],
+            height: images.dims[1],
+            width: images.dims[2],
+            images: images.data,
+            labels: labels.data,
+        })
     }
 
     /// The label of image `i`.
@@ -160,7 +224,11 @@ impl ImageDataset {
         let px = self.height * self.width;
         let mut x = Vec::with_capacity(idx.len() * px);
         for &i in idx {
-            x.extend(self.images[i * px..(i + 1) * px].iter().map(|&p| p as f32 / 127.5 - 1.0));
+            x.extend(
+                self.images[i * px..(i + 1) * px]
+                    .iter()
+                    .map(|&p| p as f32 / 127.5 - 1.0),
+            );
         }
         let y: Vec<u32> = idx.iter().map(|&i| self.labels[i] as u32).collect();
         Ok((
@@ -185,13 +253,20 @@ pub struct EpochShuffler {
 impl EpochShuffler {
     /// Starts at `epoch`, `pos` (0, 0 for a new run).
     pub fn new(len: usize, seed: u64, epoch: u64, pos: usize) -> Self {
-        let mut s = Self { seed, len, epoch, pos, perm: Vec::new() };
+        let mut s = Self {
+            seed,
+            len,
+            epoch,
+            pos,
+            perm: Vec::new(),
+        };
         s.shuffle();
         s
     }
 
     fn shuffle(&mut self) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         self.perm = (0..self.len).collect();
         self.perm.shuffle(&mut rng);
     }
@@ -246,7 +321,8 @@ mod tests {
     fn bad_files_are_clear_errors() {
         let p = Path::new("x");
         let e = |b: &[u8]| parse_idx(b, p).unwrap_err().to_string();
-        assert!(e(&idx_bytes(&[2, 3], &[0; 5])).contains("truncated: dimensions [2, 3] need 6 bytes, found 5"));
+        assert!(e(&idx_bytes(&[2, 3], &[0; 5]))
+            .contains("truncated: dimensions [2, 3] need 6 bytes, found 5"));
         assert!(e(&idx_bytes(&[2], &[0; 3])).contains("trailing bytes"));
         assert!(e(&[0, 0, 0x0d, 1, 0, 0, 0, 0]).contains("not unsigned byte"));
         assert!(e(&[1, 2, 8, 1]).contains("bad IDX magic"));
@@ -255,22 +331,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gz = dir.path().join("bad.gz");
         std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
-        assert!(read_idx(&gz).unwrap_err().to_string().contains("corrupt gzip"));
-        assert!(read_idx(&dir.path().join("none")).unwrap_err().to_string().contains("cannot read"));
+        assert!(read_idx(&gz)
+            .unwrap_err()
+            .to_string()
+            .contains("corrupt gzip"));
+        assert!(read_idx(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read"));
     }
 
     #[test]
     fn dataset_checks_pairing_and_scales_pixels() {
-        let imgs = IdxArray { dims: vec![2, 1, 2], data: vec![0, 255, 51, 204] };
-        let labels = IdxArray { dims: vec![2], data: vec![3, 9] };
-        let ds = ImageDataset::from_idx(imgs.clone(), labels, Path::new("i"), Path::new("l")).unwrap();
+        let imgs = IdxArray {
+            dims: vec![2, 1, 2],
+            data: vec![0, 255, 51, 204],
+        };
+        let labels = IdxArray {
+            dims: vec![2],
+            data: vec![3, 9],
+        };
+        let ds =
+            ImageDataset::from_idx(imgs.clone(), labels, Path::new("i"), Path::new("l")).unwrap();
         let (x, y) = ds.batch(&[1, 0], &Device::Cpu).unwrap();
         assert_eq!(x.dims(), &[2, 1, 1, 2]);
         let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!((v[0] - (51.0 / 127.5 - 1.0)).abs() < 1e-7 && v[2] == -1.0 && v[3] == 1.0);
         assert_eq!(y.to_vec1::<u32>().unwrap(), vec![9, 3]);
-        let bad = IdxArray { dims: vec![3], data: vec![1, 2, 3] };
-        let e = ImageDataset::from_idx(imgs, bad, Path::new("i"), Path::new("l")).unwrap_err().to_string();
+        let bad = IdxArray {
+            dims: vec![3],
+            data: vec![1, 2, 3],
+        };
+        let e = ImageDataset::from_idx(imgs, bad, Path::new("i"), Path::new("l"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("3 labels for 2 images"), "{e}");
     }
 

@@ -7,10 +7,22 @@ use std::path::{Path, PathBuf};
 
 /// The four MNIST files and the SHA-256 of their decompressed bytes.
 pub const MNIST_FILES: [(&str, &str); 4] = [
-    ("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    ("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    ("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    ("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    (
+        "train-images-idx3-ubyte",
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    (
+        "train-labels-idx1-ubyte",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    (
+        "t10k-images-idx3-ubyte",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    (
+        "t10k-labels-idx1-ubyte",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
 ];
 
 /// The canonical MNIST mirrors, tried in order.
@@ -22,7 +34,10 @@ pub const MNIST_MIRRORS: [&str; 3] = [
 
 /// SHA-256 of bytes, as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn decompress(bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
@@ -37,7 +52,9 @@ fn decompress(bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
 
 /// Whether `path` exists and its content hashes to `sha`.
 fn verified(path: &Path, sha: &str) -> bool {
-    std::fs::read(path).map(|b| sha256_hex(&b) == sha).unwrap_or(false)
+    std::fs::read(path)
+        .map(|b| sha256_hex(&b) == sha)
+        .unwrap_or(false)
 }
 
 /// Fetches `name.gz` (or `name`) from a mirror: a URL or a local folder.
@@ -56,7 +73,8 @@ fn fetch(mirror: &str, name: &str) -> std::result::Result<Vec<u8>, String> {
         let dir = Path::new(mirror.strip_prefix("file://").unwrap_or(mirror));
         for candidate in [dir.join(format!("{name}.gz")), dir.join(name)] {
             if candidate.exists() {
-                return std::fs::read(&candidate).map_err(|e| format!("{}: {e}", candidate.display()));
+                return std::fs::read(&candidate)
+                    .map_err(|e| format!("{}: {e}", candidate.display()));
             }
         }
         Err(format!("{}: no {name}.gz or {name}", dir.display()))
@@ -69,7 +87,10 @@ fn fetch(mirror: &str, name: &str) -> std::result::Result<Vec<u8>, String> {
 /// renamed only once its SHA-256 matches, so a partial file never has the final name. Returns
 /// the names fetched (files already present and verified are skipped).
 pub fn download_mnist(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     let mut fetched = Vec::new();
     for (name, sha) in MNIST_FILES {
         let dest: PathBuf = dir.join(name);
@@ -79,7 +100,9 @@ pub fn download_mnist(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
         let mut tried = Vec::new();
         let mut ok = false;
         for mirror in mirrors {
-            let bytes = match fetch(mirror, name).and_then(|b| decompress(b).map_err(|e| format!("{mirror}{name}.gz: bad gzip: {e}"))) {
+            let bytes = match fetch(mirror, name).and_then(|b| {
+                decompress(b).map_err(|e| format!("{mirror}{name}.gz: bad gzip: {e}"))
+            }) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!("{e}");
@@ -89,12 +112,20 @@ pub fn download_mnist(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
             };
             let got = sha256_hex(&bytes);
             if got != sha {
-                tried.push(format!("{mirror}: {name} has SHA-256 {got}, expected {sha}"));
+                tried.push(format!(
+                    "{mirror}: {name} has SHA-256 {got}, expected {sha}"
+                ));
                 continue;
             }
             let tmp = dir.join(format!("{name}.part{}", std::process::id()));
-            std::fs::write(&tmp, &bytes).map_err(|e| TrainError::Io { path: tmp.clone(), source: e })?;
-            std::fs::rename(&tmp, &dest).map_err(|e| TrainError::Io { path: dest.clone(), source: e })?;
+            std::fs::write(&tmp, &bytes).map_err(|e| TrainError::Io {
+                path: tmp.clone(),
+                source: e,
+            })?;
+            std::fs::rename(&tmp, &dest).map_err(|e| TrainError::Io {
+                path: dest.clone(),
+                source: e,
+            })?;
             tracing::info!("fetched {name} from {mirror}");
             fetched.push(name.to_string());
             ok = true;
@@ -116,15 +147,26 @@ mod tests {
 
     #[test]
     fn sha_of_known_bytes() {
-        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
     fn unreachable_mirrors_give_an_error_listing_what_was_tried() {
         let dir = tempfile::tempdir().unwrap();
-        let mirrors = vec![dir.path().join("nowhere").display().to_string(), "/also/missing".to_string()];
-        let e = download_mnist(&dir.path().join("out"), &mirrors).unwrap_err().to_string();
-        assert!(e.contains("nowhere") && e.contains("/also/missing") && e.contains("MNIST_MIRROR"), "{e}");
+        let mirrors = vec![
+            dir.path().join("nowhere").display().to_string(),
+            "/also/missing".to_string(),
+        ];
+        let e = download_mnist(&dir.path().join("out"), &mirrors)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nowhere") && e.contains("/also/missing") && e.contains("MNIST_MIRROR"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -134,7 +176,9 @@ mod tests {
         std::fs::create_dir(&bad).unwrap();
         std::fs::write(bad.join("train-images-idx3-ubyte"), b"not mnist").unwrap();
         let out = dir.path().join("out");
-        let e = download_mnist(&out, &[bad.display().to_string()]).unwrap_err().to_string();
+        let e = download_mnist(&out, &[bad.display().to_string()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SHA-256"), "{e}");
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
     }

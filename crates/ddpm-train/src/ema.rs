@@ -16,7 +16,10 @@ pub struct Ema {
 impl Ema {
     /// Starts the average at the parameters' current values.
     pub fn new(rate: f64, params: &[(String, Var)]) -> Result<Self> {
-        let params = params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
+        let params = params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
         Ok(Self { rate, params })
     }
 
@@ -46,12 +49,16 @@ mod tests {
         let v = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
         let params = vec![("w".to_string(), v.clone())];
         let mut ema = Ema::new(0.9, &params).unwrap();
-        v.set(&Tensor::new(&[3.0f64, 0.0], &Device::Cpu).unwrap()).unwrap();
+        v.set(&Tensor::new(&[3.0f64, 0.0], &Device::Cpu).unwrap())
+            .unwrap();
         ema.update(&params).unwrap();
         ema.update(&params).unwrap();
         // 1 → 0.9·1 + 0.1·3 = 1.2 → 0.9·1.2 + 0.3 = 1.38; 2 → 1.8 → 1.62
         let got = ema.params["w"].to_vec1::<f64>().unwrap();
-        assert!((got[0] - 1.38).abs() < 1e-12 && (got[1] - 1.62).abs() < 1e-12, "{got:?}");
+        assert!(
+            (got[0] - 1.38).abs() < 1e-12 && (got[1] - 1.62).abs() < 1e-12,
+            "{got:?}"
+        );
         assert_eq!(ema.rate_name(), "0.9");
     }
 }

@@ -11,8 +11,15 @@ const BORDER: u8 = 128;
 /// Converts [N, C, H, W] in [-1, 1] to bytes (x+1)·127.5, rounded and clamped, NHWC order.
 pub fn to_u8_nhwc(x: &Tensor) -> Result<(Vec<u8>, [usize; 4])> {
     let (n, c, h, w) = x.dims4()?;
-    let v: Vec<f32> = x.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
-    let bytes = v.iter().map(|p| ((p + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8).collect();
+    let v: Vec<f32> = x
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1()?;
+    let bytes = v
+        .iter()
+        .map(|p| ((p + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+        .collect();
     Ok((bytes, [n, h, w, c]))
 }
 
@@ -21,7 +28,9 @@ pub fn to_u8_nhwc(x: &Tensor) -> Result<(Vec<u8>, [usize; 4])> {
 pub fn make_grid(x: &Tensor) -> Result<GrayImage> {
     let (bytes, [n, h, w, c]) = to_u8_nhwc(x)?;
     if n == 0 {
-        return Err(TrainError::Config("cannot make a grid of zero images".into()));
+        return Err(TrainError::Config(
+            "cannot make a grid of zero images".into(),
+        ));
     }
     let cols = (n as f64).sqrt().ceil() as usize;
     let rows = n.div_ceil(cols);
@@ -32,7 +41,11 @@ pub fn make_grid(x: &Tensor) -> Result<GrayImage> {
         for y in 0..h {
             for xx in 0..w {
                 let p = bytes[((i * h + y) * w + xx) * c];
-                img.put_pixel((col * (w + 1) + 1 + xx) as u32, (r * (h + 1) + 1 + y) as u32, Luma([p]));
+                img.put_pixel(
+                    (col * (w + 1) + 1 + xx) as u32,
+                    (r * (h + 1) + 1 + y) as u32,
+                    Luma([p]),
+                );
             }
         }
     }
@@ -44,8 +57,14 @@ pub fn save_grid_png(x: &Tensor, path: &Path) -> Result<()> {
     let img = make_grid(x)?;
     let tmp = path.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| TrainError::Io { path: tmp.clone(), source: std::io::Error::other(e) })?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::Io { path: path.to_path_buf(), source: e })
+        .map_err(|e| TrainError::Io {
+            path: tmp.clone(),
+            source: std::io::Error::other(e),
+        })?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 #[cfg(test)]
@@ -55,7 +74,10 @@ mod tests {
 
     #[test]
     fn grid_layout_and_pixel_values() {
-        let x = Tensor::new(&[-1.0f32, 1.0, 0.0, 0.5, -1.0], &Device::Cpu).unwrap().reshape((5, 1, 1, 1)).unwrap();
+        let x = Tensor::new(&[-1.0f32, 1.0, 0.0, 0.5, -1.0], &Device::Cpu)
+            .unwrap()
+            .reshape((5, 1, 1, 1))
+            .unwrap();
         let g = make_grid(&x).unwrap();
         // 5 images -> 3 columns, 2 rows of 1x1 cells with borders.
         assert_eq!(g.dimensions(), (7, 5));

@@ -21,7 +21,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -46,7 +52,11 @@ impl AdamW {
                 Ok((n, v, m, s))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg, params, step: 0 })
+        Ok(Self {
+            cfg,
+            params,
+            step: 0,
+        })
     }
 
     /// Applies one update from `grads`; parameters without a gradient are left alone.
@@ -56,12 +66,18 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (_, p, m, v) in &self.params {
-            let Some(g) = grads.get(p.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.as_tensor()) else {
+                continue;
+            };
             let m_new = ((m.as_tensor() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v_new = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&v_new / bc2)?.sqrt()? + c.eps)?;
             let update = ((&m_new / bc1)? / denom)?;
-            let decayed = if c.weight_decay != 0.0 { (p.as_tensor() * (1.0 - c.lr * c.weight_decay))? } else { p.as_tensor().clone() };
+            let decayed = if c.weight_decay != 0.0 {
+                (p.as_tensor() * (1.0 - c.lr * c.weight_decay))?
+            } else {
+                p.as_tensor().clone()
+            };
             p.set(&(decayed - (update * c.lr)?)?)?;
             m.set(&m_new)?;
             v.set(&v_new)?;
@@ -83,9 +99,15 @@ impl AdamW {
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (n, p, m, v) in &self.params {
             for (key, var) in [(format!("exp_avg.{n}"), m), (format!("exp_avg_sq.{n}"), v)] {
-                let t = tensors.get(&key).ok_or_else(|| crate::TrainError::Checkpoint(format!("optimizer state has no {key}")))?;
+                let t = tensors.get(&key).ok_or_else(|| {
+                    crate::TrainError::Checkpoint(format!("optimizer state has no {key}"))
+                })?;
                 if t.dims() != p.dims() {
-                    return Err(crate::TrainError::Checkpoint(format!("optimizer state {key} has shape {:?}, parameter has {:?}", t.dims(), p.dims())));
+                    return Err(crate::TrainError::Checkpoint(format!(
+                        "optimizer state {key} has shape {:?}, parameter has {:?}",
+                        t.dims(),
+                        p.dims()
+                    )));
                 }
                 var.set(&t.to_dtype(p.dtype())?.to_device(p.device())?)?;
             }
@@ -100,7 +122,11 @@ pub fn grad_norm(params: &[(String, Var)], grads: &GradStore) -> Result<f64> {
     let mut total = 0f64;
     for (_, p) in params {
         if let Some(g) = grads.get(p.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(total.sqrt())
@@ -124,7 +150,11 @@ mod tests {
     #[test]
     fn steps_match_a_scalar_adamw() {
         let p = Var::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
-        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(vec![("p".into(), p.clone())], cfg).unwrap();
         // loss = sum(p^3) / 3, so g = p^2.
         for _ in 0..3 {
@@ -154,8 +184,13 @@ mod tests {
     fn state_round_trip_gives_identical_updates() {
         let run = |restore: bool| {
             let p = Var::new(&[0.5f32, 1.5, -1.0], &Device::Cpu).unwrap();
-            let mut opt = AdamW::new(vec![("w".into(), p.clone())], AdamWConfig::default()).unwrap();
-            let grad = |p: &Var| (p.as_tensor().sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+            let mut opt =
+                AdamW::new(vec![("w".into(), p.clone())], AdamWConfig::default()).unwrap();
+            let grad = |p: &Var| {
+                (p.as_tensor().sqr().unwrap().sum_all().unwrap())
+                    .backward()
+                    .unwrap()
+            };
             for _ in 0..3 {
                 opt.step(&grad(&p)).unwrap();
             }
@@ -163,7 +198,8 @@ mod tests {
                 let state = opt.state_tensors().unwrap();
                 let saved = p.as_tensor().copy().unwrap();
                 let p2 = Var::from_tensor(&saved).unwrap();
-                let mut opt2 = AdamW::new(vec![("w".into(), p2.clone())], AdamWConfig::default()).unwrap();
+                let mut opt2 =
+                    AdamW::new(vec![("w".into(), p2.clone())], AdamWConfig::default()).unwrap();
                 opt2.load_state(&state, 3).unwrap();
                 opt2.step(&grad(&p2)).unwrap();
                 return p2.as_tensor().to_vec1::<f32>().unwrap();
@@ -174,7 +210,13 @@ mod tests {
         assert_eq!(run(false), run(true));
         let p = Var::new(&[0.5f32], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![("w".into(), p)], AdamWConfig::default()).unwrap();
-        let e = opt.load_state(&HashMap::from([("exp_avg.w".to_string(), Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap())]), 1);
+        let e = opt.load_state(
+            &HashMap::from([(
+                "exp_avg.w".to_string(),
+                Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            )]),
+            1,
+        );
         assert!(e.unwrap_err().to_string().contains("exp_avg_sq.w"));
     }
 }

@@ -23,7 +23,11 @@ pub trait ScheduleSampler {
 }
 
 /// Draws `batch` indices with probability proportional to `w`, and weights 1/(n·p[i]).
-pub fn sample_from_weights<R: Rng + ?Sized>(w: &[f64], batch: usize, rng: &mut R) -> (Vec<usize>, Vec<f64>) {
+pub fn sample_from_weights<R: Rng + ?Sized>(
+    w: &[f64],
+    batch: usize,
+    rng: &mut R,
+) -> (Vec<usize>, Vec<f64>) {
     let total: f64 = w.iter().sum();
     let p: Vec<f64> = w.iter().map(|x| x / total).collect();
     let mut cdf = Vec::with_capacity(p.len());
@@ -63,7 +67,12 @@ impl ScheduleSampler for UniformSampler {
     }
 
     fn sample<R: Rng + ?Sized>(&self, batch: usize, rng: &mut R) -> (Vec<usize>, Vec<f64>) {
-        ((0..batch).map(|_| rng.random_range(0..self.num_timesteps)).collect(), vec![1.0; batch])
+        (
+            (0..batch)
+                .map(|_| rng.random_range(0..self.num_timesteps))
+                .collect(),
+            vec![1.0; batch],
+        )
     }
 }
 
@@ -84,19 +93,29 @@ impl LossSecondMomentSampler {
     }
 
     /// A sampler with an explicit history length and uniform probability.
-    pub fn with_params(num_timesteps: usize, history_per_term: usize, uniform_prob: f64) -> Result<Self> {
+    pub fn with_params(
+        num_timesteps: usize,
+        history_per_term: usize,
+        uniform_prob: f64,
+    ) -> Result<Self> {
         if num_timesteps == 0 || history_per_term == 0 || !(0.0..=1.0).contains(&uniform_prob) {
             return Err(TrainError::Config(format!(
                 "loss-second-moment sampler needs steps > 0, history > 0 and uniform_prob in [0, 1] \
                  (got {num_timesteps}, {history_per_term}, {uniform_prob})"
             )));
         }
-        Ok(Self { history_per_term, uniform_prob, history: vec![Vec::new(); num_timesteps] })
+        Ok(Self {
+            history_per_term,
+            uniform_prob,
+            history: vec![Vec::new(); num_timesteps],
+        })
     }
 
     /// Whether every timestep has a full history of losses.
     pub fn warmed_up(&self) -> bool {
-        self.history.iter().all(|h| h.len() == self.history_per_term)
+        self.history
+            .iter()
+            .all(|h| h.len() == self.history_per_term)
     }
 }
 
@@ -112,7 +131,9 @@ impl ScheduleSampler for LossSecondMomentSampler {
             .map(|h| (h.iter().map(|l| l * l).sum::<f64>() / h.len() as f64).sqrt())
             .collect();
         let total: f64 = rms.iter().sum();
-        rms.iter().map(|w| w / total * (1.0 - self.uniform_prob) + self.uniform_prob / n as f64).collect()
+        rms.iter()
+            .map(|w| w / total * (1.0 - self.uniform_prob) + self.uniform_prob / n as f64)
+            .collect()
     }
 
     fn update_with_losses(&mut self, t: &[usize], losses: &[f64]) {
@@ -152,7 +173,10 @@ mod tests {
         s.update_with_losses(&[1], &[3.0]);
         assert!(s.warmed_up());
         let w = s.weights();
-        assert!((w[0] - 0.25).abs() < 1e-15 && (w[1] - 0.75).abs() < 1e-15, "{w:?}");
+        assert!(
+            (w[0] - 0.25).abs() < 1e-15 && (w[1] - 0.75).abs() < 1e-15,
+            "{w:?}"
+        );
         // Old losses fall out of the history.
         s.update_with_losses(&[0, 0], &[3.0, 3.0]);
         assert!((s.weights()[0] - 0.5).abs() < 1e-15);

@@ -58,10 +58,17 @@ impl DiffusionSettings {
             (false, false) => ModelVarType::FixedLarge,
         };
         Ok(DiffusionConfig {
-            beta_schedule: self.noise_schedule.parse().map_err(|e| TrainError::Config(format!("{e}")))?,
+            beta_schedule: self
+                .noise_schedule
+                .parse()
+                .map_err(|e| TrainError::Config(format!("{e}")))?,
             num_timesteps: self.diffusion_steps,
             respacing: respacing.unwrap_or(&self.timestep_respacing).to_string(),
-            model_mean_type: if self.predict_xstart { ModelMeanType::StartX } else { ModelMeanType::Epsilon },
+            model_mean_type: if self.predict_xstart {
+                ModelMeanType::StartX
+            } else {
+                ModelMeanType::Epsilon
+            },
             model_var_type,
             loss_type,
         })
@@ -149,7 +156,10 @@ impl TrainConfig {
             return fail("batch_size must be positive".into());
         }
         if self.microbatch > self.batch_size {
-            return fail(format!("microbatch {} is larger than batch_size {}", self.microbatch, self.batch_size));
+            return fail(format!(
+                "microbatch {} is larger than batch_size {}",
+                self.microbatch, self.batch_size
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return fail(format!("lr {} must be positive", self.lr));
@@ -160,11 +170,17 @@ impl TrainConfig {
         if self.log_interval == 0 || self.save_interval == 0 {
             return fail("log_interval and save_interval must be positive".into());
         }
-        if !matches!(self.schedule_sampler.as_str(), "uniform" | "loss-second-moment") {
-            return fail(format!("unknown schedule sampler {:?} (uniform, loss-second-moment)", self.schedule_sampler));
+        if !matches!(
+            self.schedule_sampler.as_str(),
+            "uniform" | "loss-second-moment"
+        ) {
+            return fail(format!(
+                "unknown schedule sampler {:?} (uniform, loss-second-moment)",
+                self.schedule_sampler
+            ));
         }
         if let Some(c) = self.grad_clip {
-            if !(c > 0.0) {
+            if c.is_nan() || c <= 0.0 {
                 return fail(format!("grad clip {c} must be positive"));
             }
         }
@@ -190,11 +206,29 @@ mod tests {
         let d = DiffusionSettings::default().to_config(None).unwrap();
         assert_eq!(d.loss_type, LossType::RescaledMse);
         assert_eq!(d.model_var_type, ModelVarType::LearnedRange);
-        let s = DiffusionSettings { learn_sigma: false, sigma_small: true, use_kl: true, predict_xstart: true, ..Default::default() };
+        let s = DiffusionSettings {
+            learn_sigma: false,
+            sigma_small: true,
+            use_kl: true,
+            predict_xstart: true,
+            ..Default::default()
+        };
         let d = s.to_config(Some("ddim10")).unwrap();
-        assert_eq!((d.loss_type, d.model_var_type, d.model_mean_type), (LossType::RescaledKl, ModelVarType::FixedSmall, ModelMeanType::StartX));
+        assert_eq!(
+            (d.loss_type, d.model_var_type, d.model_mean_type),
+            (
+                LossType::RescaledKl,
+                ModelVarType::FixedSmall,
+                ModelMeanType::StartX
+            )
+        );
         assert_eq!(d.respacing, "ddim10");
-        assert!(DiffusionSettings { noise_schedule: "quad".into(), ..Default::default() }.to_config(None).is_err());
+        assert!(DiffusionSettings {
+            noise_schedule: "quad".into(),
+            ..Default::default()
+        }
+        .to_config(None)
+        .is_err());
     }
 
     #[test]

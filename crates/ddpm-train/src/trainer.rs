@@ -27,6 +27,9 @@ enum Sampler {
     LossSecondMoment(LossSecondMomentSampler),
 }
 
+/// One example's (timestep, loss, mse, vb).
+pub type ExampleLoss = (usize, f64, Option<f64>, Option<f64>);
+
 /// What one optimiser step measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepStats {
@@ -44,7 +47,7 @@ pub struct StepStats {
     pub lr: f64,
     /// Per-example (timestep, loss, mse, vb) of the batch, for per-quartile logging.
     #[serde(skip)]
-    pub per_example: Vec<(usize, f64, Option<f64>, Option<f64>)>,
+    pub per_example: Vec<ExampleLoss>,
 }
 
 /// How a call to [`Trainer::run`] ended.
@@ -81,12 +84,21 @@ pub struct Trainer {
 
 impl Trainer {
     /// A new run: a freshly initialised model (seeded by `cfg.seed`) writing to `run_dir`.
-    pub fn new(model_cfg: UNetConfig, diffusion_settings: DiffusionSettings, cfg: TrainConfig, data: ImageDataset, run_dir: &Path, device: &Device) -> Result<Self> {
+    pub fn new(
+        model_cfg: UNetConfig,
+        diffusion_settings: DiffusionSettings,
+        cfg: TrainConfig,
+        data: ImageDataset,
+        run_dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         model_cfg.validate()?;
         model_cfg.validate_image_size(data.height, data.width)?;
         if cfg.class_cond != model_cfg.num_classes.is_some() {
-            return Err(TrainError::Config("class_cond and the model's num_classes disagree".into()));
+            return Err(TrainError::Config(
+                "class_cond and the model's num_classes disagree".into(),
+            ));
         }
         if diffusion_settings.out_channels(model_cfg.in_channels) != model_cfg.out_channels {
             return Err(TrainError::Config(format!(
@@ -100,14 +112,28 @@ impl Trainer {
         let store = ParamStore::new(cfg.seed, DType::F32, device);
         let model = UNet::new(store.var_builder(), &model_cfg)?;
         let params = store.vars();
-        let opt = AdamW::new(params.clone(), AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
-        let emas = cfg.ema_rate.iter().map(|&r| Ema::new(r, &params)).collect::<Result<_>>()?;
+        let opt = AdamW::new(
+            params.clone(),
+            AdamWConfig {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let emas = cfg
+            .ema_rate
+            .iter()
+            .map(|&r| Ema::new(r, &params))
+            .collect::<Result<_>>()?;
         let n = diffusion.num_timesteps();
         let sampler = match cfg.schedule_sampler.as_str() {
             "loss-second-moment" => Sampler::LossSecondMoment(LossSecondMomentSampler::new(n)),
             _ => Sampler::Uniform(UniformSampler::new(n)),
         };
-        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Io { path: run_dir.to_path_buf(), source: e })?;
+        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Io {
+            path: run_dir.to_path_buf(),
+            source: e,
+        })?;
         Ok(Self {
             shuffler: EpochShuffler::new(data.len, cfg.seed, 0, 0),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
@@ -132,22 +158,48 @@ impl Trainer {
     /// Continues a run from a checkpoint folder exactly where it stopped.
     ///
     /// `update` may change settings that do not affect the model (steps, intervals, lr, ...).
-    pub fn resume(ckpt: &Path, data: ImageDataset, run_dir: &Path, device: &Device, update: impl FnOnce(&mut TrainConfig)) -> Result<Self> {
+    pub fn resume(
+        ckpt: &Path,
+        data: ImageDataset,
+        run_dir: &Path,
+        device: &Device,
+        update: impl FnOnce(&mut TrainConfig),
+    ) -> Result<Self> {
         let meta = CheckpointMeta::read(ckpt)?;
         let mut cfg = meta.train.clone();
         update(&mut cfg);
-        if cfg.ema_rate != meta.train.ema_rate || cfg.class_cond != meta.train.class_cond || cfg.schedule_sampler != meta.train.schedule_sampler {
-            return Err(TrainError::Config("ema_rate, class_cond and schedule_sampler cannot change on resume".into()));
+        if cfg.ema_rate != meta.train.ema_rate
+            || cfg.class_cond != meta.train.class_cond
+            || cfg.schedule_sampler != meta.train.schedule_sampler
+        {
+            return Err(TrainError::Config(
+                "ema_rate, class_cond and schedule_sampler cannot change on resume".into(),
+            ));
         }
-        let mut t = Self::new(meta.model.clone(), meta.diffusion.clone(), cfg, data, run_dir, device)?;
-        let ck = |e: ddpm_unet::UNetError| TrainError::Checkpoint(format!("{}: {e}", ckpt.display()));
-        t.store.load_safetensors(&ckpt.join(checkpoint::MODEL_FILE)).map_err(ck)?;
-        let opt_state = ddpm_unet::read_safetensors(&ckpt.join(checkpoint::OPTIMIZER_FILE)).map_err(ck)?;
+        let mut t = Self::new(
+            meta.model.clone(),
+            meta.diffusion.clone(),
+            cfg,
+            data,
+            run_dir,
+            device,
+        )?;
+        let ck =
+            |e: ddpm_unet::UNetError| TrainError::Checkpoint(format!("{}: {e}", ckpt.display()));
+        t.store
+            .load_safetensors(&ckpt.join(checkpoint::MODEL_FILE))
+            .map_err(ck)?;
+        let opt_state =
+            ddpm_unet::read_safetensors(&ckpt.join(checkpoint::OPTIMIZER_FILE)).map_err(ck)?;
         t.opt.load_state(&opt_state, meta.step)?;
         for ema in &mut t.emas {
-            let tensors = ddpm_unet::read_safetensors(&ckpt.join(checkpoint::ema_file(&ema.rate_name()))).map_err(ck)?;
+            let tensors =
+                ddpm_unet::read_safetensors(&ckpt.join(checkpoint::ema_file(&ema.rate_name())))
+                    .map_err(ck)?;
             for (name, value) in ema.params.iter_mut() {
-                let v = tensors.get(name).ok_or_else(|| TrainError::Checkpoint(format!("EMA {} has no {name}", ema.rate)))?;
+                let v = tensors.get(name).ok_or_else(|| {
+                    TrainError::Checkpoint(format!("EMA {} has no {name}", ema.rate))
+                })?;
                 *value = v.to_dtype(DType::F32)?.to_device(device)?;
             }
         }
@@ -193,7 +245,8 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let idx = self.shuffler.next_indices(self.cfg.batch_size);
         let (x, y) = self.data.batch(&idx, &self.device)?;
-        self.model.set_dropout_seed(self.cfg.seed ^ (self.step + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        self.model
+            .set_dropout_seed(self.cfg.seed ^ (self.step + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
         let mut total: Option<GradStore> = None;
         let mut loss_sum = 0.0;
         let mut per_example = Vec::with_capacity(idx.len());
@@ -201,7 +254,11 @@ impl Trainer {
         for start in (0..idx.len()).step_by(micro) {
             let len = micro.min(idx.len() - start);
             let xm = x.narrow(0, start, len)?;
-            let ym = self.cfg.class_cond.then(|| y.narrow(0, start, len)).transpose()?;
+            let ym = self
+                .cfg
+                .class_cond
+                .then(|| y.narrow(0, start, len))
+                .transpose()?;
             let (t, w) = match &self.sampler {
                 Sampler::Uniform(s) => s.sample(len, &mut self.rng),
                 Sampler::LossSecondMoment(s) => s.sample(len, &mut self.rng),
@@ -209,7 +266,11 @@ impl Trainer {
             let noise = randn(&mut self.rng, xm.shape().clone(), DType::F32, &self.device)?;
             let model = &self.model;
             let terms = self.diffusion.training_losses(
-                |xt, ts| model.forward(xt, ts, ym.as_ref(), true).map_err(candle_core::Error::wrap),
+                |xt, ts| {
+                    model
+                        .forward(xt, ts, ym.as_ref(), true)
+                        .map_err(candle_core::Error::wrap)
+                },
                 &xm,
                 &t,
                 &noise,
@@ -223,16 +284,28 @@ impl Trainer {
             };
             let (mse, vb) = (host(&terms.mse)?, host(&terms.vb)?);
             for i in 0..len {
-                per_example.push((t[i], losses[i], mse.as_ref().map(|m| m[i]), vb.as_ref().map(|v| v[i])));
+                per_example.push((
+                    t[i],
+                    losses[i],
+                    mse.as_ref().map(|m| m[i]),
+                    vb.as_ref().map(|v| v[i]),
+                ));
             }
             if let Sampler::LossSecondMoment(s) = &mut self.sampler {
                 s.update_with_losses(&t, &losses);
             }
-            let w = Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), len, &self.device)?;
+            let w = Tensor::from_vec(
+                w.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                len,
+                &self.device,
+            )?;
             let loss = (terms.loss * w)?.mean_all()?;
             let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {
-                return Err(TrainError::NonFinite { step: self.step + 1, loss: lv });
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    loss: lv,
+                });
             }
             loss_sum += lv * len as f64;
             let grads = loss.backward()?;
@@ -255,7 +328,10 @@ impl Trainer {
         let mut grads = total.expect("a batch has at least one microbatch");
         let norm = grad_norm(&self.params, &grads)?;
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite { step: self.step + 1, loss: norm });
+            return Err(TrainError::NonFinite {
+                step: self.step + 1,
+                loss: norm,
+            });
         }
         if let Some(clip) = self.cfg.grad_clip {
             if norm > clip {
@@ -270,7 +346,7 @@ impl Trainer {
         }
         self.step += 1;
         let n = per_example.len() as f64;
-        let mean = |f: fn(&(usize, f64, Option<f64>, Option<f64>)) -> Option<f64>| -> Option<f64> {
+        let mean = |f: fn(&ExampleLoss) -> Option<f64>| -> Option<f64> {
             let v: Option<Vec<f64>> = per_example.iter().map(f).collect();
             v.map(|v| v.iter().sum::<f64>() / n)
         };
@@ -293,7 +369,10 @@ impl Trainer {
             train: self.cfg.clone(),
             image_size: [self.data.height, self.data.width],
             step: self.step,
-            rng: RngState { seed: self.cfg.seed.wrapping_add(1), word_pos: self.rng.get_word_pos() },
+            rng: RngState {
+                seed: self.cfg.seed.wrapping_add(1),
+                word_pos: self.rng.get_word_pos(),
+            },
             data_epoch: self.shuffler.epoch,
             data_pos: self.shuffler.pos,
             sampler: match &self.sampler {
@@ -303,13 +382,27 @@ impl Trainer {
         };
         let ck = |e: ddpm_unet::UNetError| TrainError::Checkpoint(e.to_string());
         let dir = checkpoint::write_checkpoint_dir(&self.run_dir, self.step, |d| {
-            self.store.save_safetensors(&d.join(checkpoint::MODEL_FILE)).map_err(ck)?;
-            ddpm_unet::write_safetensors(&self.opt.state_tensors()?, &d.join(checkpoint::OPTIMIZER_FILE)).map_err(ck)?;
+            self.store
+                .save_safetensors(&d.join(checkpoint::MODEL_FILE))
+                .map_err(ck)?;
+            ddpm_unet::write_safetensors(
+                &self.opt.state_tensors()?,
+                &d.join(checkpoint::OPTIMIZER_FILE),
+            )
+            .map_err(ck)?;
             for ema in &self.emas {
-                ddpm_unet::write_safetensors(&ema.params, &d.join(checkpoint::ema_file(&ema.rate_name()))).map_err(ck)?;
+                ddpm_unet::write_safetensors(
+                    &ema.params,
+                    &d.join(checkpoint::ema_file(&ema.rate_name())),
+                )
+                .map_err(ck)?;
             }
-            let json = serde_json::to_string_pretty(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-            std::fs::write(d.join(checkpoint::CONFIG_FILE), json).map_err(|e| TrainError::Io { path: d.join(checkpoint::CONFIG_FILE), source: e })
+            let json = serde_json::to_string_pretty(&meta)
+                .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            std::fs::write(d.join(checkpoint::CONFIG_FILE), json).map_err(|e| TrainError::Io {
+                path: d.join(checkpoint::CONFIG_FILE),
+                source: e,
+            })
         })?;
         checkpoint::prune_checkpoints(&self.run_dir, self.cfg.keep_checkpoints)?;
         Ok(dir)
@@ -322,7 +415,16 @@ impl Trainer {
             None => self.store.tensors()?,
         };
         let size = [self.data.height, self.data.width];
-        let x = sample_images(&self.model_cfg, &self.diffusion_settings, &weights, size, self.cfg.sample_count, &self.cfg.sample_respacing, self.cfg.seed, &self.device)?;
+        let x = sample_images(
+            &self.model_cfg,
+            &self.diffusion_settings,
+            &weights,
+            size,
+            self.cfg.sample_count,
+            &self.cfg.sample_respacing,
+            self.cfg.seed,
+            &self.device,
+        )?;
         grid::save_grid_png(&x, path)
     }
 
@@ -333,12 +435,17 @@ impl Trainer {
             .create(true)
             .append(true)
             .open(&metrics_path)
-            .map_err(|e| TrainError::Io { path: metrics_path.clone(), source: e })?;
+            .map_err(|e| TrainError::Io {
+                path: metrics_path.clone(),
+                source: e,
+            })?;
         let bar = if progress {
             let b = indicatif::ProgressBar::new(self.cfg.steps);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta} {msg}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta} {msg}",
+                )
+                .expect("valid template"),
             );
             b.set_position(self.step);
             b
@@ -358,7 +465,7 @@ impl Trainer {
             log.add(&stats);
             bar.set_position(self.step);
             bar.set_message(format!("loss {:.4}", stats.loss));
-            if self.step % self.cfg.log_interval == 0 {
+            if self.step.is_multiple_of(self.cfg.log_interval) {
                 let secs = window.elapsed().as_secs_f64();
                 let record = log.finish(self.step, stats.lr, log.images as f64 / secs);
                 tracing::info!(
@@ -371,14 +478,17 @@ impl Trainer {
                     stats.lr,
                     record["images_per_sec"].as_f64().unwrap_or(f64::NAN),
                 );
-                writeln!(metrics, "{record}").map_err(|e| TrainError::Io { path: metrics_path.clone(), source: e })?;
+                writeln!(metrics, "{record}").map_err(|e| TrainError::Io {
+                    path: metrics_path.clone(),
+                    source: e,
+                })?;
                 log = LogAccum::new(self.diffusion.num_timesteps());
                 window = Instant::now();
             }
-            if self.step % self.cfg.save_interval == 0 {
+            if self.step.is_multiple_of(self.cfg.save_interval) {
                 last_saved = Some(self.save()?);
             }
-            if self.cfg.sample_interval > 0 && self.step % self.cfg.sample_interval == 0 {
+            if self.cfg.sample_interval > 0 && self.step.is_multiple_of(self.cfg.sample_interval) {
                 self.sample_grid(&self.run_dir.join(format!("samples-{:07}.png", self.step)))?;
             }
         }
@@ -409,14 +519,27 @@ pub fn sample_images(
     let diffusion = GaussianDiffusion::new(&settings.to_config(Some(respacing))?)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5A4D_504C_4553);
     let [h, w] = image_size;
-    let x_t = randn(&mut rng, (n, model_cfg.in_channels, h, w), DType::F32, device)?;
+    let x_t = randn(
+        &mut rng,
+        (n, model_cfg.in_channels, h, w),
+        DType::F32,
+        device,
+    )?;
     let labels = match model_cfg.num_classes {
-        Some(k) => Some(Tensor::from_vec((0..n).map(|i| (i % k) as u32).collect::<Vec<_>>(), n, device)?),
+        Some(k) => Some(Tensor::from_vec(
+            (0..n).map(|i| (i % k) as u32).collect::<Vec<_>>(),
+            n,
+            device,
+        )?),
         None => None,
     };
     let mut noise = RngNoise(rng);
     let out = diffusion.p_sample_loop(
-        |x, ts| model.forward(x, ts, labels.as_ref(), false).map_err(candle_core::Error::wrap),
+        |x, ts| {
+            model
+                .forward(x, ts, labels.as_ref(), false)
+                .map_err(candle_core::Error::wrap)
+        },
         x_t,
         true,
         &mut noise,
@@ -436,7 +559,13 @@ struct LogAccum {
 
 impl LogAccum {
     fn new(num_timesteps: usize) -> Self {
-        Self { num_timesteps, steps: 0, images: 0, sums: HashMap::new(), grad_norm: 0.0 }
+        Self {
+            num_timesteps,
+            steps: 0,
+            images: 0,
+            sums: HashMap::new(),
+            grad_norm: 0.0,
+        }
     }
 
     fn push(&mut self, key: String, v: f64) {
@@ -470,7 +599,10 @@ impl LogAccum {
             let (s, n) = self.sums[k];
             m.insert(k.clone(), (s / n as f64).into());
         }
-        m.insert("grad_norm".into(), (self.grad_norm / self.steps.max(1) as f64).into());
+        m.insert(
+            "grad_norm".into(),
+            (self.grad_norm / self.steps.max(1) as f64).into(),
+        );
         m.insert("lr".into(), lr.into());
         m.insert("images_per_sec".into(), images_per_sec.into());
         serde_json::Value::Object(m)

@@ -41,13 +41,30 @@ fn tiny_train(steps: u64) -> TrainConfig {
 
 fn data() -> ImageDataset {
     let n = 10;
-    let images = IdxArray { dims: vec![n, 8, 8], data: (0..n * 64).map(|i| ((i * 97) % 256) as u8).collect() };
-    let labels = IdxArray { dims: vec![n], data: (0..n).map(|i| (i % 10) as u8).collect() };
+    let images = IdxArray {
+        dims: vec![n, 8, 8],
+        data: (0..n * 64).map(|i| ((i * 97) % 256) as u8).collect(),
+    };
+    let labels = IdxArray {
+        dims: vec![n],
+        data: (0..n).map(|i| (i % 10) as u8).collect(),
+    };
     ImageDataset::from_idx(images, labels, Path::new("i"), Path::new("l")).unwrap()
 }
 
 fn trainer(dir: &Path, steps: u64) -> Trainer {
-    Trainer::new(tiny_model(), DiffusionSettings { diffusion_steps: 50, ..Default::default() }, tiny_train(steps), data(), dir, &Device::Cpu).unwrap()
+    Trainer::new(
+        tiny_model(),
+        DiffusionSettings {
+            diffusion_steps: 50,
+            ..Default::default()
+        },
+        tiny_train(steps),
+        data(),
+        dir,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn losses(t: &mut Trainer, n: usize) -> Vec<f64> {
@@ -67,16 +84,34 @@ fn n_steps_resume_n_steps_equals_2n_steps() {
     let mut resumed = Trainer::resume(&ckpt, data(), b.path(), &Device::Cpu, |_| {}).unwrap();
     assert_eq!(resumed.step, 4);
     got.extend(losses(&mut resumed, 4));
-    assert_eq!(got, want, "resumed losses must equal the uninterrupted run's");
+    assert_eq!(
+        got, want,
+        "resumed losses must equal the uninterrupted run's"
+    );
     // The weights and EMAs agree too.
-    let (w1, w2) = (straight.params().tensors().unwrap(), resumed.params().tensors().unwrap());
+    let (w1, w2) = (
+        straight.params().tensors().unwrap(),
+        resumed.params().tensors().unwrap(),
+    );
     for (k, v) in &w1 {
-        let d: f32 = (v - &w2[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let d: f32 = (v - &w2[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(d, 0.0, "{k}");
     }
     let e1 = &straight.emas()[1].params["out.2.weight"];
     let e2 = &resumed.emas()[1].params["out.2.weight"];
-    assert_eq!(e1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), e2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        e1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        e2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -87,13 +122,30 @@ fn a_non_finite_loss_stops_and_keeps_the_last_checkpoint() {
     let saved = t.save().unwrap();
     let before = std::fs::read(saved.join("model.safetensors")).unwrap();
     // Poison one weight: the next loss is NaN.
-    let (_, var) = t.params().vars().into_iter().find(|(n, _)| n == "input_blocks.0.0.weight").unwrap();
+    let (_, var) = t
+        .params()
+        .vars()
+        .into_iter()
+        .find(|(n, _)| n == "input_blocks.0.0.weight")
+        .unwrap();
     var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
     let err = t.run(false).unwrap_err();
-    assert!(matches!(err, TrainError::NonFinite { step: 3, .. }), "{err}");
+    assert!(
+        matches!(err, TrainError::NonFinite { step: 3, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("last checkpoint is kept"));
-    assert_eq!(list_checkpoints(dir.path()).iter().map(|c| c.0).collect::<Vec<_>>(), vec![2]);
-    assert_eq!(std::fs::read(saved.join("model.safetensors")).unwrap(), before);
+    assert_eq!(
+        list_checkpoints(dir.path())
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(
+        std::fs::read(saved.join("model.safetensors")).unwrap(),
+        before
+    );
 }
 
 #[test]
@@ -103,11 +155,19 @@ fn the_stop_flag_saves_a_checkpoint_and_returns() {
     losses(&mut t, 1);
     t.stop_flag().store(true, Ordering::SeqCst);
     let outcome = t.run(false).unwrap();
-    let RunOutcome::Interrupted(ckpt) = outcome else { panic!("expected an interrupted run") };
+    let RunOutcome::Interrupted(ckpt) = outcome else {
+        panic!("expected an interrupted run")
+    };
     let meta = CheckpointMeta::read(&ckpt).unwrap();
     assert_eq!(meta.step, 1);
     assert_eq!(meta.image_size, [8, 8]);
-    for f in ["model.safetensors", "optimizer.safetensors", "ema_0.9.safetensors", "ema_0.99.safetensors", "config.json"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "ema_0.9.safetensors",
+        "ema_0.99.safetensors",
+        "config.json",
+    ] {
         assert!(ckpt.join(f).exists(), "{f}");
     }
 }
@@ -115,11 +175,30 @@ fn the_stop_flag_saves_a_checkpoint_and_returns() {
 #[test]
 fn a_run_logs_metrics_and_writes_a_sample_grid() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig { sample_interval: 2, sample_count: 3, sample_respacing: "5".into(), ..tiny_train(2) };
-    let mut t = Trainer::new(tiny_model(), DiffusionSettings { diffusion_steps: 50, ..Default::default() }, cfg, data(), dir.path(), &Device::Cpu).unwrap();
+    let cfg = TrainConfig {
+        sample_interval: 2,
+        sample_count: 3,
+        sample_respacing: "5".into(),
+        ..tiny_train(2)
+    };
+    let mut t = Trainer::new(
+        tiny_model(),
+        DiffusionSettings {
+            diffusion_steps: 50,
+            ..Default::default()
+        },
+        cfg,
+        data(),
+        dir.path(),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert!(matches!(t.run(false).unwrap(), RunOutcome::Finished(_)));
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for key in ["loss", "mse", "vb", "grad_norm", "lr", "images_per_sec"] {
         assert!(lines[1][key].as_f64().unwrap().is_finite(), "{key}");
@@ -131,24 +210,71 @@ fn a_run_logs_metrics_and_writes_a_sample_grid() {
 #[test]
 fn mismatched_settings_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = UNetConfig { out_channels: 1, ..tiny_model() };
-    let e = Trainer::new(bad, DiffusionSettings::default(), tiny_train(1), data(), dir.path(), &Device::Cpu).err().unwrap();
+    let bad = UNetConfig {
+        out_channels: 1,
+        ..tiny_model()
+    };
+    let e = Trainer::new(
+        bad,
+        DiffusionSettings::default(),
+        tiny_train(1),
+        data(),
+        dir.path(),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("out_channels"), "{e}");
-    let e = Trainer::new(tiny_model(), DiffusionSettings::default(), TrainConfig { class_cond: true, ..tiny_train(1) }, data(), dir.path(), &Device::Cpu).err().unwrap();
+    let e = Trainer::new(
+        tiny_model(),
+        DiffusionSettings::default(),
+        TrainConfig {
+            class_cond: true,
+            ..tiny_train(1)
+        },
+        data(),
+        dir.path(),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("class_cond"), "{e}");
-    let e = Trainer::resume(dir.path(), data(), dir.path(), &Device::Cpu, |_| {}).err().unwrap();
+    let e = Trainer::resume(dir.path(), data(), dir.path(), &Device::Cpu, |_| {})
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("not a checkpoint folder"), "{e}");
 }
 
 #[test]
 fn class_conditional_training_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let model = UNetConfig { num_classes: Some(10), ..tiny_model() };
-    let cfg = TrainConfig { class_cond: true, ..tiny_train(2) };
-    let mut t = Trainer::new(model, DiffusionSettings { diffusion_steps: 50, ..Default::default() }, cfg, data(), dir.path(), &Device::Cpu).unwrap();
+    let model = UNetConfig {
+        num_classes: Some(10),
+        ..tiny_model()
+    };
+    let cfg = TrainConfig {
+        class_cond: true,
+        ..tiny_train(2)
+    };
+    let mut t = Trainer::new(
+        model,
+        DiffusionSettings {
+            diffusion_steps: 50,
+            ..Default::default()
+        },
+        cfg,
+        data(),
+        dir.path(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let l = losses(&mut t, 2);
     assert!(l.iter().all(|v| v.is_finite()));
-    assert!(t.params().tensors().unwrap().contains_key("label_emb.weight"));
+    assert!(t
+        .params()
+        .tensors()
+        .unwrap()
+        .contains_key("label_emb.weight"));
 }
 
 fn shared_mnist() -> PathBuf {
@@ -160,19 +286,27 @@ fn shared_mnist() -> PathBuf {
 fn shared_mnist_download_falls_back_to_a_working_mirror_and_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("mnist");
-    let mirrors = vec![dir.path().join("dead-mirror").display().to_string(), shared_mnist().display().to_string()];
+    let mirrors = vec![
+        dir.path().join("dead-mirror").display().to_string(),
+        shared_mnist().display().to_string(),
+    ];
     let fetched = ddpm_train::download::download_mnist(&out, &mirrors).unwrap();
     assert_eq!(fetched.len(), 4);
     // A second call finds everything verified and fetches nothing.
-    assert!(ddpm_train::download::download_mnist(&out, &mirrors).unwrap().is_empty());
+    assert!(ddpm_train::download::download_mnist(&out, &mirrors)
+        .unwrap()
+        .is_empty());
     let train = ImageDataset::load(&out, Split::Train).unwrap();
     let test = ImageDataset::load(&out, Split::Test).unwrap();
-    assert_eq!((train.len, train.height, train.width, test.len), (60_000, 28, 28, 10_000));
+    assert_eq!(
+        (train.len, train.height, train.width, test.len),
+        (60_000, 28, 28, 10_000)
+    );
     // The first training label of MNIST is a 5, the first test label a 7.
     assert_eq!((train.label(0), test.label(0)), (5, 7));
     let (x, _) = train.batch(&[0], &Device::Cpu).unwrap();
     let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(v[0], -1.0);
-    assert!(v.iter().any(|&p| p == 1.0));
+    assert!(v.contains(&1.0));
     let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu);
 }

@@ -11,8 +11,15 @@ use rand_chacha::ChaCha8Rng;
 /// Inverted dropout with a mask from our own seeded RNG (Candle's CPU RNG cannot be seeded).
 pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let keep = 1.0 - p;
-    let mask: Vec<f32> =
-        (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
 }
@@ -33,18 +40,45 @@ pub struct ResBlock {
 
 impl ResBlock {
     /// Builds the block with the original's layer indices (in_layers.0/.2, out_layers.0/.3, ...).
-    pub fn new(vb: VarBuilder, channels: usize, emb_channels: usize, out_channels: usize, dropout: f64, use_scale_shift_norm: bool) -> Result<Self> {
-        let emb_out = if use_scale_shift_norm { 2 * out_channels } else { out_channels };
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        emb_channels: usize,
+        out_channels: usize,
+        dropout: f64,
+        use_scale_shift_norm: bool,
+    ) -> Result<Self> {
+        let emb_out = if use_scale_shift_norm {
+            2 * out_channels
+        } else {
+            out_channels
+        };
         Ok(Self {
             in_norm: GroupNorm::new(vb.pp("in_layers.0"), NORM_GROUPS, channels)?,
             in_conv: Conv2d::new(vb.pp("in_layers.2"), channels, out_channels, 3, 1, 1, false)?,
             emb_linear: Linear::new(vb.pp("emb_layers.1"), emb_channels, emb_out)?,
             out_norm: GroupNorm::new(vb.pp("out_layers.0"), NORM_GROUPS, out_channels)?,
-            out_conv: Conv2d::new(vb.pp("out_layers.3"), out_channels, out_channels, 3, 1, 1, true)?,
+            out_conv: Conv2d::new(
+                vb.pp("out_layers.3"),
+                out_channels,
+                out_channels,
+                3,
+                1,
+                1,
+                true,
+            )?,
             skip: if out_channels == channels {
                 None
             } else {
-                Some(Conv2d::new(vb.pp("skip_connection"), channels, out_channels, 1, 1, 0, false)?)
+                Some(Conv2d::new(
+                    vb.pp("skip_connection"),
+                    channels,
+                    out_channels,
+                    1,
+                    1,
+                    0,
+                    false,
+                )?)
             },
             use_scale_shift_norm,
             out_channels,
@@ -53,8 +87,15 @@ impl ResBlock {
     }
 
     /// Applies the block; `rng` is given in training mode, when dropout is active.
-    pub fn forward(&self, x: &Tensor, emb: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x, None, true)?)?;
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        emb: &Tensor,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let h = self
+            .in_conv
+            .forward(&self.in_norm.forward(x, None, true)?)?;
         let emb_out = self.emb_linear.forward(&emb.silu()?)?;
         let mut h = if self.use_scale_shift_norm {
             let scale = emb_out.narrow(1, 0, self.out_channels)?;
@@ -102,7 +143,9 @@ impl AttentionBlock {
         let (b, c, hh, ww) = x.dims4()?;
         let x = x.reshape((b, c, hh * ww))?;
         let qkv = self.qkv.forward(&self.norm.forward(&x, None, false)?)?;
-        let h = self.proj_out.forward(&ops::attention(&qkv, self.num_heads)?)?;
+        let h = self
+            .proj_out
+            .forward(&ops::attention(&qkv, self.num_heads)?)?;
         (x + h)?.reshape((b, c, hh, ww))
     }
 }
@@ -116,7 +159,9 @@ pub struct Downsample {
 impl Downsample {
     /// Builds `op`.
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { op: Conv2d::new(vb.pp("op"), channels, channels, 3, 2, 1, false)? })
+        Ok(Self {
+            op: Conv2d::new(vb.pp("op"), channels, channels, 3, 2, 1, false)?,
+        })
     }
 
     /// Halves the spatial size (rounding up).
@@ -134,7 +179,9 @@ pub struct Upsample {
 impl Upsample {
     /// Builds `conv`.
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1, false)? })
+        Ok(Self {
+            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1, false)?,
+        })
     }
 
     /// Doubles the spatial size.
@@ -164,7 +211,12 @@ pub struct TimestepEmbedSequential(pub Vec<Layer>);
 
 impl TimestepEmbedSequential {
     /// Applies each layer in turn.
-    pub fn forward(&self, x: &Tensor, emb: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        emb: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for layer in &self.0 {
             h = match layer {

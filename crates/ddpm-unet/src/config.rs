@@ -73,7 +73,10 @@ impl UNetConfig {
             return fail("in_channels, out_channels and model_channels must be positive".into());
         }
         if self.channel_mult.is_empty() || self.channel_mult.contains(&0) {
-            return fail(format!("channel_mult {:?} must be non-empty and positive", self.channel_mult));
+            return fail(format!(
+                "channel_mult {:?} must be non-empty and positive",
+                self.channel_mult
+            ));
         }
         if self.num_heads == 0 {
             return fail("num_heads must be at least 1".into());
@@ -82,22 +85,33 @@ impl UNetConfig {
             return fail(format!("dropout {} must be in [0, 1)", self.dropout));
         }
         if self.num_classes == Some(0) {
-            return fail("num_classes must be at least 1 (or null for an unconditional model)".into());
+            return fail(
+                "num_classes must be at least 1 (or null for an unconditional model)".into(),
+            );
         }
         let max_ds = 1usize << (self.channel_mult.len() - 1);
-        if let Some(r) = self.attention_resolutions.iter().find(|&&r| r == 0 || r > max_ds || !r.is_power_of_two()) {
+        if let Some(r) = self
+            .attention_resolutions
+            .iter()
+            .find(|&&r| r == 0 || r > max_ds || !r.is_power_of_two())
+        {
             return fail(format!(
                 "attention resolution {r} is not a downsample factor of this network (1..={max_ds}, powers of 2)"
             ));
         }
         for (what, ch) in self.normalized_channels() {
             if ch % NORM_GROUPS != 0 {
-                return fail(format!("{what} has {ch} channels, not divisible by GroupNorm's {NORM_GROUPS} groups"));
+                return fail(format!(
+                    "{what} has {ch} channels, not divisible by GroupNorm's {NORM_GROUPS} groups"
+                ));
             }
         }
         for ch in self.attention_channels() {
             if ch % self.num_heads != 0 {
-                return fail(format!("{} heads do not divide an attention block's {ch} channels", self.num_heads));
+                return fail(format!(
+                    "{} heads do not divide an attention block's {ch} channels",
+                    self.num_heads
+                ));
             }
         }
         Ok(())
@@ -106,7 +120,11 @@ impl UNetConfig {
     /// Checks that an image of `height` × `width` goes down and back up to the same size.
     pub fn validate_image_size(&self, height: usize, width: usize) -> Result<()> {
         let factor = 1usize << (self.channel_mult.len() - 1);
-        if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             let mut path = vec![height];
             let mut h = height;
             for _ in 1..self.channel_mult.len() {
@@ -114,7 +132,12 @@ impl UNetConfig {
                 path.push(h);
             }
             let up: Vec<usize> = (1..self.channel_mult.len()).map(|i| h << i).collect();
-            let trace = path.iter().chain(&up).map(|v| v.to_string()).collect::<Vec<_>>().join("→");
+            let trace = path
+                .iter()
+                .chain(&up)
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join("→");
             return Err(UNetError::Config(format!(
                 "a {height}×{width} image cannot pass {} levels (each side must be divisible by {factor}: {trace})",
                 self.channel_mult.len()
@@ -144,7 +167,10 @@ impl UNetConfig {
         for (level, &mult) in self.channel_mult.iter().enumerate().rev() {
             for _ in 0..=self.num_res_blocks {
                 let skip = chans.pop().unwrap_or(0);
-                out.push((format!("a level-{level} output res block (with its skip input)"), ch + skip));
+                out.push((
+                    format!("a level-{level} output res block (with its skip input)"),
+                    ch + skip,
+                ));
                 ch = mc * mult;
                 out.push((format!("a level-{level} output res block"), ch));
             }
@@ -177,7 +203,10 @@ mod tests {
         cfg.validate().unwrap();
         cfg.validate_image_size(28, 28).unwrap();
         let json = cfg.to_json();
-        assert!(json.contains("\"attention_resolutions\"") && json.contains("\"use_scale_shift_norm\": true"));
+        assert!(
+            json.contains("\"attention_resolutions\"")
+                && json.contains("\"use_scale_shift_norm\": true")
+        );
         assert_eq!(UNetConfig::from_json(&json).unwrap(), cfg);
     }
 
@@ -188,7 +217,10 @@ mod tests {
             "num_classes": null, "num_heads": 4, "use_scale_shift_norm": true}"#;
         assert_eq!(UNetConfig::from_json(s).unwrap(), UNetConfig::mnist());
         let bad = s.replace("num_heads", "heads");
-        assert!(UNetConfig::from_json(&bad).unwrap_err().to_string().contains("heads"));
+        assert!(UNetConfig::from_json(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("heads"));
     }
 
     #[test]

@@ -65,13 +65,21 @@ pub enum UNetError {
     Candle(#[from] candle_core::Error),
 }
 
-fn describe_mismatch(missing: &[String], unexpected: &[String], mismatched: &[(String, Vec<usize>, Vec<usize>)]) -> String {
+fn describe_mismatch(
+    missing: &[String],
+    unexpected: &[String],
+    mismatched: &[(String, Vec<usize>, Vec<usize>)],
+) -> String {
     let mut s = String::new();
     if !missing.is_empty() {
         s += &format!(" missing {}: {};", missing.len(), missing.join(", "));
     }
     if !unexpected.is_empty() {
-        s += &format!(" unexpected {}: {};", unexpected.len(), unexpected.join(", "));
+        s += &format!(
+            " unexpected {}: {};",
+            unexpected.len(),
+            unexpected.join(", ")
+        );
     }
     for (name, want, got) in mismatched {
         s += &format!(" {name} has shape {got:?} in the file but {want:?} in the model;");

@@ -1,6 +1,8 @@
 //! The full UNet (`UNetModel`).
 
-use crate::blocks::{AttentionBlock, Downsample, Layer, ResBlock, TimestepEmbedSequential, Upsample};
+use crate::blocks::{
+    AttentionBlock, Downsample, Layer, ResBlock, TimestepEmbedSequential, Upsample,
+};
 use crate::config::NORM_GROUPS;
 use crate::nn::{timestep_embedding, Conv2d, Embedding, GroupNorm, Linear};
 use crate::{Result, UNetConfig, UNetError};
@@ -31,12 +33,17 @@ impl UNet {
         cfg.validate()?;
         let mc = cfg.model_channels;
         let ted = cfg.time_embed_dim();
-        let time_embed = (Linear::new(vb.pp("time_embed.0"), mc, ted)?, Linear::new(vb.pp("time_embed.2"), ted, ted)?);
+        let time_embed = (
+            Linear::new(vb.pp("time_embed.0"), mc, ted)?,
+            Linear::new(vb.pp("time_embed.2"), ted, ted)?,
+        );
         let label_emb = match cfg.num_classes {
             Some(n) => Some(Embedding::new(vb.pp("label_emb"), n, ted)?),
             None => None,
         };
-        let res = |vb: VarBuilder, c_in: usize, c_out: usize| ResBlock::new(vb, c_in, ted, c_out, cfg.dropout, cfg.use_scale_shift_norm);
+        let res = |vb: VarBuilder, c_in: usize, c_out: usize| {
+            ResBlock::new(vb, c_in, ted, c_out, cfg.dropout, cfg.use_scale_shift_norm)
+        };
 
         let vbi = vb.pp("input_blocks");
         let mut input_blocks = vec![TimestepEmbedSequential(vec![Layer::Conv(Conv2d::new(
@@ -56,14 +63,21 @@ impl UNet {
                 let mut layers = vec![Layer::Res(res(vbb.pp(0), ch, mult * mc)?)];
                 ch = mult * mc;
                 if cfg.attention_resolutions.contains(&ds) {
-                    layers.push(Layer::Attention(AttentionBlock::new(vbb.pp(1), ch, cfg.num_heads)?));
+                    layers.push(Layer::Attention(AttentionBlock::new(
+                        vbb.pp(1),
+                        ch,
+                        cfg.num_heads,
+                    )?));
                 }
                 input_blocks.push(TimestepEmbedSequential(layers));
                 chans.push(ch);
             }
             if level + 1 != cfg.channel_mult.len() {
                 let vbb = vbi.pp(input_blocks.len());
-                input_blocks.push(TimestepEmbedSequential(vec![Layer::Down(Downsample::new(vbb.pp(0), ch)?)]));
+                input_blocks.push(TimestepEmbedSequential(vec![Layer::Down(Downsample::new(
+                    vbb.pp(0),
+                    ch,
+                )?)]));
                 chans.push(ch);
                 ds *= 2;
             }
@@ -85,7 +99,11 @@ impl UNet {
                 let mut layers = vec![Layer::Res(res(vbb.pp(0), ch + skip, mc * mult)?)];
                 ch = mc * mult;
                 if cfg.attention_resolutions.contains(&ds) {
-                    layers.push(Layer::Attention(AttentionBlock::new(vbb.pp(layers.len()), ch, cfg.num_heads)?));
+                    layers.push(Layer::Attention(AttentionBlock::new(
+                        vbb.pp(layers.len()),
+                        ch,
+                        cfg.num_heads,
+                    )?));
                 }
                 if level > 0 && i == cfg.num_res_blocks {
                     layers.push(Layer::Up(Upsample::new(vbb.pp(layers.len()), ch)?));
@@ -115,7 +133,8 @@ impl UNet {
 
     /// Reseeds the dropout RNG (the trainer does this every step, so resuming is exact).
     pub fn set_dropout_seed(&self, seed: u64) {
-        *self.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()) = ChaCha8Rng::seed_from_u64(seed);
+        *self.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()) =
+            ChaCha8Rng::seed_from_u64(seed);
     }
 
     /// Checks the inputs of [`Self::forward`] and says what is wrong.
@@ -123,22 +142,40 @@ impl UNet {
         let bad = |m: String| Err(UNetError::Input(m));
         let dims = x.dims();
         if dims.len() != 4 || dims[1] != self.cfg.in_channels {
-            return bad(format!("x has shape {dims:?}; expected [B, {}, H, W]", self.cfg.in_channels));
+            return bad(format!(
+                "x has shape {dims:?}; expected [B, {}, H, W]",
+                self.cfg.in_channels
+            ));
         }
-        self.cfg.validate_image_size(dims[2], dims[3]).map_err(|e| UNetError::Input(e.to_string().replace("invalid UNet config: ", "")))?;
+        self.cfg
+            .validate_image_size(dims[2], dims[3])
+            .map_err(|e| UNetError::Input(e.to_string().replace("invalid UNet config: ", "")))?;
         if timesteps.dims() != [dims[0]] {
-            return bad(format!("timesteps have shape {:?}; expected [{}]", timesteps.dims(), dims[0]));
+            return bad(format!(
+                "timesteps have shape {:?}; expected [{}]",
+                timesteps.dims(),
+                dims[0]
+            ));
         }
         match (labels, self.cfg.num_classes) {
             (None, None) => Ok(()),
             (Some(_), None) => bad("class labels given to an unconditional model".into()),
-            (None, Some(n)) => bad(format!("this model is class-conditional ({n} classes) and needs labels")),
+            (None, Some(n)) => bad(format!(
+                "this model is class-conditional ({n} classes) and needs labels"
+            )),
             (Some(y), Some(n)) => {
                 if y.dims() != [dims[0]] {
-                    return bad(format!("labels have shape {:?}; expected [{}]", y.dims(), dims[0]));
+                    return bad(format!(
+                        "labels have shape {:?}; expected [{}]",
+                        y.dims(),
+                        dims[0]
+                    ));
                 }
                 let ids = y.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                match ids.iter().find(|&&v| v < 0.0 || v >= n as f64 || v.fract() != 0.0) {
+                match ids
+                    .iter()
+                    .find(|&&v| v < 0.0 || v >= n as f64 || v.fract() != 0.0)
+                {
                     Some(v) => bad(format!("label {v} is outside 0..{n}")),
                     None => Ok(()),
                 }
@@ -148,15 +185,25 @@ impl UNet {
 
     /// Applies the model: x [B, C, H, W], timesteps [B] (as the model sees them, 0..1000),
     /// optional class labels [B]; `train` turns dropout on.
-    pub fn forward(&self, x: &Tensor, timesteps: &Tensor, labels: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        labels: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         self.check_inputs(x, timesteps, labels)?;
         let x = x.to_dtype(self.dtype)?;
         let t_emb = timestep_embedding(timesteps, self.cfg.model_channels, self.dtype)?;
-        let mut emb = self.time_embed.1.forward(&self.time_embed.0.forward(&t_emb)?.silu()?)?;
+        let mut emb = self
+            .time_embed
+            .1
+            .forward(&self.time_embed.0.forward(&t_emb)?.silu()?)?;
         if let (Some(le), Some(y)) = (&self.label_emb, labels) {
             emb = (emb + le.forward(y)?)?;
         }
-        let mut guard = (train && self.cfg.dropout > 0.0).then(|| self.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut guard = (train && self.cfg.dropout > 0.0)
+            .then(|| self.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()));
         let mut hs = Vec::with_capacity(self.input_blocks.len());
         let mut h = x;
         for block in &self.input_blocks {
@@ -168,6 +215,8 @@ impl UNet {
             let skip = hs.pop().expect("one skip per output block");
             h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, guard.as_deref_mut())?;
         }
-        Ok(self.out_conv.forward(&self.out_norm.forward(&h, None, true)?)?)
+        Ok(self
+            .out_conv
+            .forward(&self.out_norm.forward(&h, None, true)?)?)
     }
 }

@@ -7,7 +7,10 @@ use candle_nn::{Init, VarBuilder};
 /// PyTorch's default bias initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 fn bias_init(fan_in: usize) -> Init {
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// The weight init hint: PyTorch's default, or zeros for the layers the original zero-initialises.
@@ -51,11 +54,32 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Creates the layer; `zero` gives the original's `zero_module` initialisation.
-    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize, zero: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        zero: bool,
+    ) -> Result<Self> {
         let fan_in = c_in * k * k;
         let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", weight_init(zero))?;
-        let bias = vb.get_with_hints(c_out, "bias", if zero { Init::Const(0.0) } else { bias_init(fan_in) })?;
-        Ok(Self { weight, bias, stride, padding })
+        let bias = vb.get_with_hints(
+            c_out,
+            "bias",
+            if zero {
+                Init::Const(0.0)
+            } else {
+                bias_init(fan_in)
+            },
+        )?;
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
     }
 
     /// Applies the convolution to [B, C, H, W].
@@ -75,14 +99,23 @@ impl Conv1x1 {
     /// Creates the layer; `zero` gives the original's `zero_module` initialisation.
     pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, zero: bool) -> Result<Self> {
         let weight = vb.get_with_hints((c_out, c_in, 1), "weight", weight_init(zero))?;
-        let bias = vb.get_with_hints(c_out, "bias", if zero { Init::Const(0.0) } else { bias_init(c_in) })?;
+        let bias = vb.get_with_hints(
+            c_out,
+            "bias",
+            if zero {
+                Init::Const(0.0)
+            } else {
+                bias_init(c_in)
+            },
+        )?;
         Ok(Self { weight, bias })
     }
 
     /// Applies the layer to [B, C, T].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.squeeze(2)?;
-        w.broadcast_matmul(x)?.broadcast_add(&self.bias.unsqueeze(1)?)
+        w.broadcast_matmul(x)?
+            .broadcast_add(&self.bias.unsqueeze(1)?)
     }
 }
 
@@ -102,12 +135,29 @@ impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize) -> Result<Self> {
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, groups })
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+        })
     }
 
     /// Normalises, then optionally applies `(1 + scale)·h + shift` and SiLU.
-    pub fn forward(&self, x: &Tensor, scale_shift: Option<(&Tensor, &Tensor)>, silu: bool) -> Result<Tensor> {
-        ops::group_norm(x, self.groups, &self.weight, &self.bias, GROUP_NORM_EPS, scale_shift, silu)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        silu: bool,
+    ) -> Result<Tensor> {
+        ops::group_norm(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            GROUP_NORM_EPS,
+            scale_shift,
+            silu,
+        )
     }
 }
 
@@ -120,7 +170,14 @@ pub struct Embedding {
 impl Embedding {
     /// Creates the table under `vb`.
     pub fn new(vb: VarBuilder, num: usize, dim: usize) -> Result<Self> {
-        let weight = vb.get_with_hints((num, dim), "weight", Init::Randn { mean: 0.0, stdev: 1.0 })?;
+        let weight = vb.get_with_hints(
+            (num, dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
         Ok(Self { weight })
     }
 
@@ -139,9 +196,14 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize, dtype: DType) -> Resul
     let device: &Device = timesteps.device();
     let n = timesteps.dims1()?;
     let log_max = -(10000f64.ln() as f32);
-    let freqs: Vec<f32> = (0..half).map(|i| (log_max * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (log_max * i as f32 / half as f32).exp())
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), device)?;
-    let args = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     let mut parts = vec![args.cos()?, args.sin()?];
     if dim % 2 == 1 {
         parts.push(Tensor::zeros((n, 1), DType::F32, device)?);

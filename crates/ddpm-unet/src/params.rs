@@ -28,7 +28,10 @@ struct Inner {
 
 impl std::fmt::Debug for ParamStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ParamStore").field("len", &self.len()).field("dtype", &self.dtype).finish()
+        f.debug_struct("ParamStore")
+            .field("len", &self.len())
+            .field("dtype", &self.dtype)
+            .finish()
     }
 }
 
@@ -36,7 +39,10 @@ impl ParamStore {
     /// An empty store whose parameters will be initialised from `seed`.
     pub fn new(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner { vars: BTreeMap::new(), rng: ChaCha8Rng::seed_from_u64(seed) })),
+            inner: Arc::new(Mutex::new(Inner {
+                vars: BTreeMap::new(),
+                rng: ChaCha8Rng::seed_from_u64(seed),
+            })),
             dtype,
             device: device.clone(),
         }
@@ -79,7 +85,11 @@ impl ParamStore {
 
     /// Every parameter, sorted by name.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.lock().vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.lock()
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// A copy of every parameter's current value, by name.
@@ -106,13 +116,23 @@ impl ParamStore {
                 Some(_) => {}
             }
         }
-        let mut unexpected: Vec<String> = tensors.keys().filter(|k| !inner.vars.contains_key(*k)).cloned().collect();
+        let mut unexpected: Vec<String> = tensors
+            .keys()
+            .filter(|k| !inner.vars.contains_key(*k))
+            .cloned()
+            .collect();
         unexpected.sort();
         if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-            return Err(UNetError::WeightsMismatch { missing, unexpected, mismatched });
+            return Err(UNetError::WeightsMismatch {
+                missing,
+                unexpected,
+                mismatched,
+            });
         }
         for (name, var) in &inner.vars {
-            let t = tensors[name].to_device(&self.device)?.to_dtype(self.dtype)?;
+            let t = tensors[name]
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
             var.set(&t)?;
         }
         Ok(())
@@ -131,13 +151,25 @@ impl ParamStore {
 
 /// Reads every tensor of a safetensors file, with errors that name the file.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|source| UNetError::Io { path: path.to_path_buf(), source })?;
-    let bad = |detail: String| UNetError::BadFile { path: path.to_path_buf(), detail };
+    let bytes = std::fs::read(path).map_err(|source| UNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |detail: String| UNetError::BadFile {
+        path: path.to_path_buf(),
+        detail,
+    };
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     for (name, t) in &tensors {
-        if !matches!(t.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
-            return Err(bad(format!("tensor {name} has dtype {:?}; expected a float type", t.dtype())));
+        if !matches!(
+            t.dtype(),
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16
+        ) {
+            return Err(bad(format!(
+                "tensor {name} has dtype {:?}; expected a float type",
+                t.dtype()
+            )));
         }
     }
     Ok(tensors)
@@ -146,13 +178,19 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// Writes tensors to a safetensors file atomically: a crash leaves the old file or the new one.
 pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = tmp_path(path);
-    let io = |source| UNetError::Io { path: path.to_path_buf(), source };
+    let io = |source| UNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     candle_core::safetensors::save(tensors, &tmp)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     path.with_file_name(name)
 }
@@ -162,27 +200,40 @@ impl Inner {
         let n = shape.elem_count();
         match hint {
             Init::Const(c) => vec![c; n],
-            Init::Randn { mean, stdev } => {
-                (0..n).map(|_| mean + stdev * self.rng.sample::<f64, _>(StandardNormal)).collect()
-            }
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| mean + stdev * self.rng.sample::<f64, _>(StandardNormal))
+                .collect(),
             Init::Uniform { lo, up } => (0..n).map(|_| self.rng.random_range(lo..up)).collect(),
             Init::Kaiming { .. } => {
                 // PyTorch's default for conv and linear weights: kaiming_uniform(a = sqrt(5)),
                 // i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
                 let fan_in: usize = shape.dims().iter().skip(1).product();
                 let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-                (0..n).map(|_| self.rng.random_range(-bound..bound)).collect()
+                (0..n)
+                    .map(|_| self.rng.random_range(-bound..bound))
+                    .collect()
             }
         }
     }
 }
 
 impl candle_nn::var_builder::SimpleBackend for ParamStore {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut inner = self.lock();
         if let Some(v) = inner.vars.get(name) {
             if v.shape() != &s {
-                candle_core::bail!("parameter {name} exists with shape {:?}, requested {:?}", v.dims(), s.dims());
+                candle_core::bail!(
+                    "parameter {name} exists with shape {:?}, requested {:?}",
+                    v.dims(),
+                    s.dims()
+                );
             }
             return v.as_tensor().to_dtype(dtype)?.to_device(dev);
         }

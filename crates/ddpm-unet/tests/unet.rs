@@ -40,13 +40,25 @@ fn perturb(store: &ParamStore, seed: u64) {
 
 fn inputs(b: usize) -> (Tensor, Tensor) {
     let x = Tensor::arange(0f32, (b * 16 * 16) as f32, &Device::Cpu).unwrap();
-    let x = (x * 0.013).unwrap().cos().unwrap().reshape((b, 1, 16, 16)).unwrap();
+    let x = (x * 0.013)
+        .unwrap()
+        .cos()
+        .unwrap()
+        .reshape((b, 1, 16, 16))
+        .unwrap();
     let t = Tensor::new(&[3f32, 870.0][..b], &Device::Cpu).unwrap();
     (x, t)
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -62,7 +74,13 @@ fn fresh_model_outputs_exactly_zero_and_init_is_seeded() {
     assert_eq!(max_abs(&out), 0.0);
     let (store2, _) = build(&small_cfg(), 1);
     let (store3, _) = build(&small_cfg(), 2);
-    let w = |s: &ParamStore| s.tensors().unwrap()["input_blocks.0.0.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = |s: &ParamStore| {
+        s.tensors().unwrap()["input_blocks.0.0.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(w(&store), w(&store2));
     assert_ne!(w(&store), w(&store3));
     // PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 9 for the first conv.
@@ -77,7 +95,14 @@ fn mnist_config_has_the_original_parameter_count_and_names() {
     let (store, _) = build(&UNetConfig::mnist(), 0);
     assert_eq!(store.num_parameters(), 1_743_170);
     let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
-    for n in ["time_embed.0.weight", "input_blocks.1.0.in_layers.2.weight", "middle_block.1.qkv.weight", "out.2.weight", "output_blocks.8.0.skip_connection.weight", "output_blocks.2.2.conv.weight"] {
+    for n in [
+        "time_embed.0.weight",
+        "input_blocks.1.0.in_layers.2.weight",
+        "middle_block.1.qkv.weight",
+        "out.2.weight",
+        "output_blocks.8.0.skip_connection.weight",
+        "output_blocks.2.2.conv.weight",
+    ] {
         assert!(names.iter().any(|x| x == n), "missing {n}");
     }
 }
@@ -94,9 +119,17 @@ fn safetensors_round_trip_restores_the_outputs() {
     store.save_safetensors(&path).unwrap();
     let (store2, model2) = build(&small_cfg(), 99);
     store2.load_safetensors(&path).unwrap();
-    assert_eq!(max_diff(&out, &model2.forward(&x, &t, None, false).unwrap()), 0.0);
+    assert_eq!(
+        max_diff(&out, &model2.forward(&x, &t, None, false).unwrap()),
+        0.0
+    );
     // bf16 files are converted on load.
-    let bf: HashMap<String, Tensor> = store.tensors().unwrap().into_iter().map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap())).collect();
+    let bf: HashMap<String, Tensor> = store
+        .tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+        .collect();
     ddpm_unet::write_safetensors(&bf, &path).unwrap();
     store2.load_safetensors(&path).unwrap();
     let d = max_diff(&out, &model2.forward(&x, &t, None, false).unwrap());
@@ -111,28 +144,55 @@ fn mismatched_weight_files_name_every_problem_and_change_nothing() {
     let before = store.tensors().unwrap();
     let mut t = before.clone();
     t.remove("time_embed.0.bias");
-    t.insert("extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-    t.insert("out.2.weight".into(), Tensor::zeros((2, 32, 1, 1), DType::F32, &Device::Cpu).unwrap());
-    t.insert("input_blocks.0.0.weight".into(), Tensor::ones((32, 1, 3, 3), DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "out.2.weight".into(),
+        Tensor::zeros((2, 32, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "input_blocks.0.0.weight".into(),
+        Tensor::ones((32, 1, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     ddpm_unet::write_safetensors(&t, &path).unwrap();
     let err = store.load_safetensors(&path).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, UNetError::WeightsMismatch { .. }));
     assert!(msg.contains("missing 1: time_embed.0.bias"), "{msg}");
     assert!(msg.contains("unexpected 1: extra.weight"), "{msg}");
-    assert!(msg.contains("out.2.weight has shape [2, 32, 1, 1] in the file but [2, 32, 3, 3]"), "{msg}");
+    assert!(
+        msg.contains("out.2.weight has shape [2, 32, 1, 1] in the file but [2, 32, 3, 3]"),
+        "{msg}"
+    );
     let after = store.tensors().unwrap();
-    assert_eq!(max_diff(&before["input_blocks.0.0.weight"], &after["input_blocks.0.0.weight"]), 0.0);
+    assert_eq!(
+        max_diff(
+            &before["input_blocks.0.0.weight"],
+            &after["input_blocks.0.0.weight"]
+        ),
+        0.0
+    );
     // Not a safetensors file at all, and a missing file.
     std::fs::write(&path, b"not a tensor file").unwrap();
-    assert!(matches!(store.load_safetensors(&path), Err(UNetError::BadFile { .. })));
-    let e = store.load_safetensors(&dir.path().join("nope.safetensors")).unwrap_err().to_string();
+    assert!(matches!(
+        store.load_safetensors(&path),
+        Err(UNetError::BadFile { .. })
+    ));
+    let e = store
+        .load_safetensors(&dir.path().join("nope.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope.safetensors"), "{e}");
 }
 
 #[test]
 fn class_conditional_forward_uses_the_labels() {
-    let cfg = UNetConfig { num_classes: Some(10), ..small_cfg() };
+    let cfg = UNetConfig {
+        num_classes: Some(10),
+        ..small_cfg()
+    };
     let (store, model) = build(&cfg, 4);
     perturb(&store, 1);
     assert!(store.tensors().unwrap().contains_key("label_emb.weight"));
@@ -146,15 +206,25 @@ fn class_conditional_forward_uses_the_labels() {
     let e = model.forward(&x, &t, None, false).unwrap_err().to_string();
     assert!(e.contains("needs labels"), "{e}");
     let bad = Tensor::new(&[1u32, 10], &Device::Cpu).unwrap();
-    assert!(model.forward(&x, &t, Some(&bad), false).unwrap_err().to_string().contains("outside 0..10"));
+    assert!(model
+        .forward(&x, &t, Some(&bad), false)
+        .unwrap_err()
+        .to_string()
+        .contains("outside 0..10"));
     let (_, uncond) = build(&small_cfg(), 4);
-    let e = uncond.forward(&x, &t, Some(&y1), false).unwrap_err().to_string();
+    let e = uncond
+        .forward(&x, &t, Some(&y1), false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unconditional"), "{e}");
 }
 
 #[test]
 fn dropout_acts_only_in_training_and_is_seeded() {
-    let cfg = UNetConfig { dropout: 0.3, ..small_cfg() };
+    let cfg = UNetConfig {
+        dropout: 0.3,
+        ..small_cfg()
+    };
     let (store, model) = build(&cfg, 5);
     perturb(&store, 2);
     let (x, t) = inputs(2);
@@ -175,11 +245,20 @@ fn dropout_acts_only_in_training_and_is_seeded() {
 fn wrong_input_shapes_are_errors() {
     let (_, model) = build(&small_cfg(), 6);
     let (x, t) = inputs(2);
-    let e = model.forward(&x.narrow(3, 0, 15).unwrap(), &t, None, false).unwrap_err().to_string();
+    let e = model
+        .forward(&x.narrow(3, 0, 15).unwrap(), &t, None, false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("divisible by 2"), "{e}");
-    assert!(model.forward(&x, &t.narrow(0, 0, 1).unwrap(), None, false).is_err());
+    assert!(model
+        .forward(&x, &t.narrow(0, 0, 1).unwrap(), None, false)
+        .is_err());
     let x3 = Tensor::zeros((2, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
-    assert!(model.forward(&x3, &t, None, false).unwrap_err().to_string().contains("[B, 1, H, W]"));
+    assert!(model
+        .forward(&x3, &t, None, false)
+        .unwrap_err()
+        .to_string()
+        .contains("[B, 1, H, W]"));
 }
 
 #[test]
@@ -187,10 +266,18 @@ fn gradients_reach_every_parameter() {
     let (store, model) = build(&small_cfg(), 7);
     perturb(&store, 3);
     let (x, t) = inputs(2);
-    let loss = model.forward(&x, &t, None, true).unwrap().sqr().unwrap().sum_all().unwrap();
+    let loss = model
+        .forward(&x, &t, None, true)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in store.vars() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         assert_eq!(g.dims(), var.dims());
     }
 }

@@ -328,7 +328,11 @@ fn timestep_embedding(case: &Case) -> Result<()> {
     for (dtype, label) in PRECISIONS {
         let t = tensor(&ts, &[ts.len()], dtype)?;
         let emb = ddpm_unet::timestep_embedding(&t, dim, dtype)?;
-        anyhow::ensure!(emb.dims() == [ts.len(), dim], "embedding has shape {:?}", emb.dims());
+        anyhow::ensure!(
+            emb.dims() == [ts.len(), dim],
+            "embedding has shape {:?}",
+            emb.dims()
+        );
         // The original computes embeddings in f32 whatever the model's dtype, and so do we.
         case.compare("embedding", label, &values(&emb)?, Tol::F32)?;
     }
@@ -355,7 +359,11 @@ fn unet_forward(case: &Case) -> Result<()> {
         let model = ddpm_unet::UNet::new(store.var_builder(), &cfg)?;
         store.set_tensors(&tensors)?;
         let n = case.usize("num_parameters")?;
-        anyhow::ensure!(store.num_parameters() == n, "{} parameters, the original has {n}", store.num_parameters());
+        anyhow::ensure!(
+            store.num_parameters() == n,
+            "{} parameters, the original has {n}",
+            store.num_parameters()
+        );
         let out = model.forward(&x, &ts, y.as_ref(), false)?;
         // The fixture's output was computed by PyTorch in f32; f32 tolerances apply to both runs.
         case.compare_values(&format!("output{label}"), &want, &values(&out)?, Tol::F32);
@@ -371,15 +379,38 @@ fn loss_second_moment_weights(case: &Case) -> Result<()> {
         case.usize("history_per_term")?,
         case.f64("uniform_prob")?,
     )?;
-    let updates = case.value("updates")?.as_array().context("updates is not an array")?;
+    let updates = case
+        .value("updates")?
+        .as_array()
+        .context("updates is not an array")?;
     for (i, u) in updates.iter().enumerate() {
-        if let Some(k) = u.as_object().and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "t" | "losses"))) {
+        if let Some(k) = u
+            .as_object()
+            .and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "t" | "losses")))
+        {
             anyhow::bail!("update {i} has a field the checker does not understand: {k:?}");
         }
-        let field = |k: &str| u.get(k).and_then(|v| v.as_array()).with_context(|| format!("update {i} has no {k:?} array"));
-        let t: Vec<usize> = field("t")?.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<_>>().context("bad t")?;
-        let l: Vec<f64> = field("losses")?.iter().map(|v| v.as_f64()).collect::<Option<_>>().context("bad losses")?;
-        anyhow::ensure!(t.len() == l.len(), "update {i}: {} timesteps for {} losses", t.len(), l.len());
+        let field = |k: &str| {
+            u.get(k)
+                .and_then(|v| v.as_array())
+                .with_context(|| format!("update {i} has no {k:?} array"))
+        };
+        let t: Vec<usize> = field("t")?
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as usize))
+            .collect::<Option<_>>()
+            .context("bad t")?;
+        let l: Vec<f64> = field("losses")?
+            .iter()
+            .map(|v| v.as_f64())
+            .collect::<Option<_>>()
+            .context("bad losses")?;
+        anyhow::ensure!(
+            t.len() == l.len(),
+            "update {i}: {} timesteps for {} losses",
+            t.len(),
+            l.len()
+        );
         if let Some(&bad) = t.iter().find(|&&x| x >= s.weights().len()) {
             anyhow::bail!("update {i}: timestep {bad} is outside the schedule");
         }

@@ -6,11 +6,15 @@
 //! convolutions and multi-axis reductions. GroupNorm, the optional scale-shift and SiLU are one
 //! fused pass forward and one backward. Everything is NCHW and contiguous.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("{what}: the fast CPU kernels take f32") };
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: the fast CPU kernels take f32")
+    };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => bail!("{what}: input must be contiguous"),
@@ -75,7 +79,9 @@ struct ConvGeom {
 
 impl ConvGeom {
     fn new(x: &[usize], wt: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let (&[b, c_in, h, w], &[c_out, wc, k, k2]) = (x, wt) else { bail!("conv2d: expected 4-D input and kernel") };
+        let (&[b, c_in, h, w], &[c_out, wc, k, k2]) = (x, wt) else {
+            bail!("conv2d: expected 4-D input and kernel")
+        };
         if wc != c_in || k != k2 {
             bail!("conv2d: kernel {wt:?} does not fit input {x:?}");
         }
@@ -84,7 +90,18 @@ impl ConvGeom {
         }
         let ho = (h + 2 * pad - k) / stride + 1;
         let wo = (w + 2 * pad - k) / stride + 1;
-        Ok(Self { b, c_in, h, w, c_out, k, stride, pad, ho, wo })
+        Ok(Self {
+            b,
+            c_in,
+            h,
+            w,
+            c_out,
+            k,
+            stride,
+            pad,
+            ho,
+            wo,
+        })
     }
     fn kk(&self) -> usize {
         self.c_in * self.k * self.k
@@ -123,7 +140,11 @@ impl ConvGeom {
                         } else {
                             for (ox, o) in out.iter_mut().enumerate() {
                                 let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                                *o = if ix >= 0 && (ix as usize) < self.w { xr[ix as usize] } else { 0.0 };
+                                *o = if ix >= 0 && (ix as usize) < self.w {
+                                    xr[ix as usize]
+                                } else {
+                                    0.0
+                                };
                             }
                         }
                     }
@@ -157,7 +178,8 @@ impl ConvGeom {
                         if self.stride == 1 {
                             let (lo, hi) = self.valid_range(kx);
                             let start = (lo + kx) - self.pad;
-                            for (d, &v) in dr[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                            for (d, &v) in dr[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi])
+                            {
                                 *d += v;
                             }
                         } else {
@@ -186,9 +208,21 @@ impl CustomOp3 for Conv2d {
         "ddpm-conv2d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = ConvGeom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let (x, wt, bias) = (slice(s1, l1, "conv2d x")?, slice(s2, l2, "conv2d weight")?, slice(s3, l3, "conv2d bias")?);
+        let (x, wt, bias) = (
+            slice(s1, l1, "conv2d x")?,
+            slice(s2, l2, "conv2d weight")?,
+            slice(s3, l3, "conv2d bias")?,
+        );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         let img = g.c_in * g.h * g.w;
         let mut out = vec![0f32; g.b * co * n];
@@ -205,21 +239,53 @@ impl CustomOp3 for Conv2d {
                 for (c, row) in o.chunks_mut(n).enumerate() {
                     row.fill(bias[c]);
                 }
-                matmul(co, n, kk, o, true, wt, (kk as isize, 1), cols, (n as isize, 1));
+                matmul(
+                    co,
+                    n,
+                    kk,
+                    o,
+                    true,
+                    wt,
+                    (kk as isize, 1),
+                    cols,
+                    (n as isize, 1),
+                );
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         // The input gradient is skipped when nothing upstream needs it (e.g. the image batch).
         let dx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &Conv2dBackwardInput { stride: self.stride, pad: self.pad, h: x.dim(2)?, w: x.dim(3)? })?)
+            Some(grad.apply_op2_no_bwd(
+                w,
+                &Conv2dBackwardInput {
+                    stride: self.stride,
+                    pad: self.pad,
+                    h: x.dim(2)?,
+                    w: x.dim(3)?,
+                },
+            )?)
         } else {
             None
         };
-        let dw = grad.apply_op2_no_bwd(x, &Conv2dBackwardWeight { stride: self.stride, pad: self.pad, k: w.dim(2)? })?;
+        let dw = grad.apply_op2_no_bwd(
+            x,
+            &Conv2dBackwardWeight {
+                stride: self.stride,
+                pad: self.pad,
+                k: w.dim(2)?,
+            },
+        )?;
         let (bs, c, ho, wo) = grad.dims4()?;
         let db = grad.reshape((bs, c, ho * wo))?.sum(2)?.sum(0)?;
         let _ = b;
@@ -240,13 +306,22 @@ impl CustomOp2 for Conv2dBackwardInput {
         "ddpm-conv2d-bwd-input"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (gd, wd) = (l1.dims(), l2.dims());
         let g = ConvGeom::new(&[gd[0], wd[1], self.h, self.w], wd, self.stride, self.pad)?;
         if gd != [g.b, g.c_out, g.ho, g.wo] {
             bail!("conv2d backward: gradient {gd:?} does not fit");
         }
-        let (dy, wt) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d weight")?);
+        let (dy, wt) = (
+            slice(s1, l1, "conv2d grad")?,
+            slice(s2, l2, "conv2d weight")?,
+        );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         let img = g.c_in * g.h * g.w;
         let mut dx = vec![0f32; g.b * img];
@@ -256,9 +331,29 @@ impl CustomOp2 for Conv2dBackwardInput {
                 let dyb = &dy[b * co * n..(b + 1) * co * n];
                 // dcols[K, N] = Wᵀ[K, Cout] · dY_b[Cout, N]
                 if g.pointwise() {
-                    matmul(kk, n, co, dxb, false, wt, (1, kk as isize), dyb, (n as isize, 1));
+                    matmul(
+                        kk,
+                        n,
+                        co,
+                        dxb,
+                        false,
+                        wt,
+                        (1, kk as isize),
+                        dyb,
+                        (n as isize, 1),
+                    );
                 } else {
-                    matmul(kk, n, co, cols, false, wt, (1, kk as isize), dyb, (n as isize, 1));
+                    matmul(
+                        kk,
+                        n,
+                        co,
+                        cols,
+                        false,
+                        wt,
+                        (1, kk as isize),
+                        dyb,
+                        (n as isize, 1),
+                    );
                     g.col2im(cols, dxb);
                 }
             },
@@ -279,7 +374,13 @@ impl CustomOp2 for Conv2dBackwardWeight {
         "ddpm-conv2d-bwd-weight"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (gd, xd) = (l1.dims(), l2.dims());
         let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
@@ -302,7 +403,17 @@ impl CustomOp2 for Conv2dBackwardWeight {
                         &cols
                     };
                     let dyb = &dy[b * co * n..(b + 1) * co * n];
-                    matmul(co, kk, n, &mut dw, true, dyb, (n as isize, 1), c, (1, n as isize));
+                    matmul(
+                        co,
+                        kk,
+                        n,
+                        &mut dw,
+                        true,
+                        dyb,
+                        (n as isize, 1),
+                        c,
+                        (1, n as isize),
+                    );
                 }
                 dw
             })
@@ -316,8 +427,21 @@ impl CustomOp2 for Conv2dBackwardWeight {
 }
 
 /// Convolution through the fast kernels (inputs are made contiguous first).
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2d { stride, pad: padding })
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        Conv2d {
+            stride,
+            pad: padding,
+        },
+    )
 }
 
 /// Fused GroupNorm (+ scale-shift) (+ SiLU). `params` packs [gamma; beta] and, when present,
@@ -344,13 +468,21 @@ impl GroupNorm {
         let (b, c) = (x[0], x[1]);
         let t: usize = x[2..].iter().product();
         if c % self.groups != 0 {
-            bail!("group_norm: {c} channels are not divisible by {} groups", self.groups);
+            bail!(
+                "group_norm: {c} channels are not divisible by {} groups",
+                self.groups
+            );
         }
         let want = 2 * c + if self.scale_shift { 2 * b * c } else { 0 };
         if params_len != want {
             bail!("group_norm: {params_len} parameters for [{b}, {c}] (expected {want})");
         }
-        Ok(GnDims { b, c, t, cg: c / self.groups })
+        Ok(GnDims {
+            b,
+            c,
+            t,
+            cg: c / self.groups,
+        })
     }
 
     /// Mean and 1/std of one group.
@@ -382,38 +514,63 @@ impl CustomOp2 for GroupNorm {
         "ddpm-group-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, p) = (slice(s1, l1, "group_norm x")?, slice(s2, l2, "group_norm params")?);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, p) = (
+            slice(s1, l1, "group_norm x")?,
+            slice(s2, l2, "group_norm params")?,
+        );
         let d = self.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(gsize).zip(x.par_chunks(gsize)).enumerate().for_each(|(i, (o, xg))| {
-            let (b, g) = (i / self.groups, i % self.groups);
-            let (mean, rstd) = self.stats(xg);
-            for ci in 0..d.cg {
-                let c = g * d.cg + ci;
-                let a = p[c] * rstd;
-                let sh0 = p[d.c + c] - mean * a;
-                let (s1, sh) = self.film(p, &d, b, c);
-                let (a, sh0) = (a * s1, sh0 * s1 + sh);
-                let (orow, xrow) = (&mut o[ci * d.t..(ci + 1) * d.t], &xg[ci * d.t..(ci + 1) * d.t]);
-                if self.silu {
-                    for (ov, &xv) in orow.iter_mut().zip(xrow) {
-                        let z = xv * a + sh0;
-                        *ov = z * sigmoid(z);
-                    }
-                } else {
-                    for (ov, &xv) in orow.iter_mut().zip(xrow) {
-                        *ov = xv * a + sh0;
+        out.par_chunks_mut(gsize)
+            .zip(x.par_chunks(gsize))
+            .enumerate()
+            .for_each(|(i, (o, xg))| {
+                let (b, g) = (i / self.groups, i % self.groups);
+                let (mean, rstd) = self.stats(xg);
+                for ci in 0..d.cg {
+                    let c = g * d.cg + ci;
+                    let a = p[c] * rstd;
+                    let sh0 = p[d.c + c] - mean * a;
+                    let (s1, sh) = self.film(p, &d, b, c);
+                    let (a, sh0) = (a * s1, sh0 * s1 + sh);
+                    let (orow, xrow) = (
+                        &mut o[ci * d.t..(ci + 1) * d.t],
+                        &xg[ci * d.t..(ci + 1) * d.t],
+                    );
+                    if self.silu {
+                        for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                            let z = xv * a + sh0;
+                            *ov = z * sigmoid(z);
+                        }
+                    } else {
+                        for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                            *ov = xv * a + sh0;
+                        }
                     }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormBackward(GroupNorm { ..*self }))?;
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(
+            params,
+            &grad.contiguous()?,
+            &GroupNormBackward(GroupNorm { ..*self }),
+        )?;
         let nx = x.elem_count();
         let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dp = packed.narrow(0, nx, params.elem_count())?;
@@ -435,9 +592,21 @@ impl CustomOp3 for GroupNormBackward {
         "ddpm-group-norm-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
-        let (x, p, dout) = (slice(s1, l1, "group_norm x")?, slice(s2, l2, "group_norm params")?, slice(s3, l3, "group_norm grad")?);
+        let (x, p, dout) = (
+            slice(s1, l1, "group_norm x")?,
+            slice(s2, l2, "group_norm params")?,
+            slice(s3, l3, "group_norm grad")?,
+        );
         let d = op.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
         let mut dx = vec![0f32; x.len()];
@@ -458,7 +627,8 @@ impl CustomOp3 for GroupNormBackward {
                         let c = g * d.cg + ci;
                         let (gamma, beta) = (p[c], p[d.c + c]);
                         let (s1, sh) = op.film(p, &d, b, c);
-                        let (mut dgamma, mut dbeta, mut dscale, mut dshift) = (0f32, 0f32, 0f32, 0f32);
+                        let (mut dgamma, mut dbeta, mut dscale, mut dshift) =
+                            (0f32, 0f32, 0f32, 0f32);
                         for j in ci * d.t..(ci + 1) * d.t {
                             let xh = (xg[j] - mean) * rstd;
                             let y = xh * gamma + beta;
@@ -529,7 +699,15 @@ pub fn group_norm(
         parts.push(Tensor::cat(&[scale, shift], 1)?.reshape(b * 2 * x.dim(1)?)?);
     }
     let params = Tensor::cat(&parts, 0)?;
-    x.contiguous()?.apply_op2(&params, GroupNorm { groups, eps, silu, scale_shift: scale_shift.is_some() })
+    x.contiguous()?.apply_op2(
+        &params,
+        GroupNorm {
+            groups,
+            eps,
+            silu,
+            scale_shift: scale_shift.is_some(),
+        },
+    )
 }
 
 /// Nearest ×2 upsampling.
@@ -542,16 +720,20 @@ impl CustomOp1 for Upsample2x {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "upsample x")?;
-        let &[b, c, h, w] = l.dims() else { bail!("upsample: expected [B, C, H, W]") };
+        let &[b, c, h, w] = l.dims() else {
+            bail!("upsample: expected [B, C, H, W]")
+        };
         let mut out = vec![0f32; b * c * 4 * h * w];
-        out.par_chunks_mut(4 * h * w).zip(x.par_chunks(h * w)).for_each(|(o, xi)| {
-            for y in 0..2 * h {
-                let src = &xi[(y / 2) * w..(y / 2 + 1) * w];
-                for (xx, v) in o[y * 2 * w..(y + 1) * 2 * w].iter_mut().enumerate() {
-                    *v = src[xx / 2];
+        out.par_chunks_mut(4 * h * w)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, xi)| {
+                for y in 0..2 * h {
+                    let src = &xi[(y / 2) * w..(y / 2 + 1) * w];
+                    for (xx, v) in o[y * 2 * w..(y + 1) * 2 * w].iter_mut().enumerate() {
+                        *v = src[xx / 2];
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, c, 2 * h, 2 * w))))
     }
 
@@ -570,16 +752,20 @@ impl CustomOp1 for SumPool2x {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = slice(s, l, "upsample grad")?;
-        let &[b, c, h2, w2] = l.dims() else { bail!("sumpool: expected [B, C, H, W]") };
+        let &[b, c, h2, w2] = l.dims() else {
+            bail!("sumpool: expected [B, C, H, W]")
+        };
         let (h, w) = (h2 / 2, w2 / 2);
         let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(h * w).zip(g.par_chunks(h2 * w2)).for_each(|(o, gi)| {
-            for y in 0..h2 {
-                for x in 0..w2 {
-                    o[(y / 2) * w + x / 2] += gi[y * w2 + x];
+        out.par_chunks_mut(h * w)
+            .zip(g.par_chunks(h2 * w2))
+            .for_each(|(o, gi)| {
+                for y in 0..h2 {
+                    for x in 0..w2 {
+                        o[(y / 2) * w + x / 2] += gi[y * w2 + x];
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
     }
 }

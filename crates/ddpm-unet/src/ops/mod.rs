@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 
 fn plain_forced() -> bool {
     static PLAIN: OnceLock<bool> = OnceLock::new();
-    *PLAIN.get_or_init(|| std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty()))
+    *PLAIN.get_or_init(|| {
+        std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty())
+    })
 }
 
 /// Whether the fast CPU kernels handle tensors like `x`.
@@ -23,7 +25,13 @@ pub fn use_fast_path(x: &Tensor) -> bool {
 }
 
 /// 2-D convolution with bias: x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout].
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     if use_fast_path(x) {
         cpu::conv2d(x, weight, bias, stride, padding)
     } else {

@@ -4,7 +4,13 @@
 use candle_core::{DType, Result, Tensor, D};
 
 /// 2-D convolution with bias: x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout].
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let y = x.conv2d(weight, padding, stride, 1, 1)?;
     y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
 }
@@ -32,7 +38,9 @@ pub fn group_norm(
     let mean = (xg.sum_keepdim(2)? / n)?;
     let centered = xg.broadcast_sub(&mean)?;
     let var = (centered.sqr()?.sum_keepdim(2)? / n)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims.as_slice())?;
     let mut cshape = vec![1usize; dims.len()];
     cshape[1] = c;
     let mut h = normed
@@ -44,7 +52,9 @@ pub fn group_norm(
         bshape[0] = b;
         bshape[1] = c;
         let scale = (scale.reshape(bshape.as_slice())? + 1.0)?;
-        h = h.broadcast_mul(&scale)?.broadcast_add(&shift.reshape(bshape.as_slice())?)?;
+        h = h
+            .broadcast_mul(&scale)?
+            .broadcast_add(&shift.reshape(bshape.as_slice())?)?;
     }
     if silu {
         h = h.silu()?;
@@ -66,12 +76,16 @@ pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     let weight = q.transpose(1, 2)?.contiguous()?.matmul(&k.contiguous()?)?;
     let weight = candle_nn::ops::softmax(&weight, D::Minus1)?;
     // out[b, c, t] = sum_s v[b, c, s] weight[b, t, s]
-    let out = v.contiguous()?.matmul(&weight.transpose(1, 2)?.contiguous()?)?;
+    let out = v
+        .contiguous()?
+        .matmul(&weight.transpose(1, 2)?.contiguous()?)?;
     out.reshape((b, heads * ch, t))
 }
 
 /// Nearest-neighbour ×2 upsampling of [B, C, H, W].
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
 }

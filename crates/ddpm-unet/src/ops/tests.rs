@@ -19,29 +19,74 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
 
 fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let d: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-    let s: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let d: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let s: f32 = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(d <= tol * s.max(1.0), "{what}: max diff {d} (scale {s})");
 }
 
 /// Runs f on fresh Vars built from `inputs`, returns the output and the gradients of
 /// sum(output · probe) with respect to each input.
-fn run(inputs: &[Tensor], probe_seed: u64, f: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+fn run(
+    inputs: &[Tensor],
+    probe_seed: u64,
+    f: impl Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts);
     let probe = rand(out.dims(), probe_seed);
-    let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = vars.iter().map(|v| grads.get(v.as_tensor()).expect("gradient").clone()).collect();
+    let grads = (&out * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("gradient").clone())
+        .collect();
     (out, g)
 }
 
 #[test]
 fn conv2d_matches_candle_forward_and_backward() {
-    for &(b, ci, co, h, k, stride, pad) in &[(2, 3, 5, 7, 3, 1, 1), (3, 4, 4, 8, 3, 2, 1), (2, 6, 3, 5, 1, 1, 0), (1, 2, 3, 7, 3, 2, 1)] {
-        let inputs = [rand(&[b, ci, h, h], 1), rand(&[co, ci, k, k], 2), rand(&[co], 3)];
-        let (o1, g1) = run(&inputs, 9, |t| cpu::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap());
-        let (o2, g2) = run(&inputs, 9, |t| reference::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap());
+    for &(b, ci, co, h, k, stride, pad) in &[
+        (2, 3, 5, 7, 3, 1, 1),
+        (3, 4, 4, 8, 3, 2, 1),
+        (2, 6, 3, 5, 1, 1, 0),
+        (1, 2, 3, 7, 3, 2, 1),
+    ] {
+        let inputs = [
+            rand(&[b, ci, h, h], 1),
+            rand(&[co, ci, k, k], 2),
+            rand(&[co], 3),
+        ];
+        let (o1, g1) = run(&inputs, 9, |t| {
+            cpu::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap()
+        });
+        let (o2, g2) = run(&inputs, 9, |t| {
+            reference::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap()
+        });
         let what = format!("conv k{k} s{stride} p{pad}");
         close(&o1, &o2, 1e-5, &format!("{what} output"));
         for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
@@ -54,7 +99,11 @@ fn conv2d_matches_candle_forward_and_backward() {
 fn group_norm_matches_candle_in_every_variant() {
     let (b, c, h) = (3, 64, 5);
     for (ss, silu) in [(false, false), (false, true), (true, true), (true, false)] {
-        let mut inputs = vec![(rand(&[b, c, h, h], 4) * 3.0).unwrap(), (rand(&[c], 5) + 1.0).unwrap(), rand(&[c], 6)];
+        let mut inputs = vec![
+            (rand(&[b, c, h, h], 4) * 3.0).unwrap(),
+            (rand(&[c], 5) + 1.0).unwrap(),
+            rand(&[c], 6),
+        ];
         if ss {
             inputs.push(rand(&[b, c], 7));
             inputs.push(rand(&[b, c], 8));
@@ -73,13 +122,22 @@ fn group_norm_matches_candle_in_every_variant() {
         let (o2, g2) = run(&inputs, 10, f(false));
         close(&o1, &o2, 1e-5, &format!("gn ss={ss} silu={silu} output"));
         for i in 0..inputs.len() {
-            close(&g1[i], &g2[i], 1e-4, &format!("gn ss={ss} silu={silu} grad {i}"));
+            close(
+                &g1[i],
+                &g2[i],
+                1e-4,
+                &format!("gn ss={ss} silu={silu} grad {i}"),
+            );
         }
     }
     // 3-D input, as in attention blocks.
     let inputs = [rand(&[2, 32, 49], 11), rand(&[32], 12), rand(&[32], 13)];
-    let (o1, g1) = run(&inputs, 14, |t| cpu::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap());
-    let (o2, g2) = run(&inputs, 14, |t| reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap());
+    let (o1, g1) = run(&inputs, 14, |t| {
+        cpu::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()
+    });
+    let (o2, g2) = run(&inputs, 14, |t| {
+        reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()
+    });
     close(&o1, &o2, 1e-5, "gn 3-D output");
     for i in 0..3 {
         close(&g1[i], &g2[i], 1e-4, "gn 3-D grad");
@@ -90,7 +148,9 @@ fn group_norm_matches_candle_in_every_variant() {
 fn upsample_matches_candle() {
     let inputs = [rand(&[2, 3, 4, 5], 15)];
     let (o1, g1) = run(&inputs, 16, |t| cpu::upsample_nearest2x(&t[0]).unwrap());
-    let (o2, g2) = run(&inputs, 16, |t| reference::upsample_nearest2x(&t[0]).unwrap());
+    let (o2, g2) = run(&inputs, 16, |t| {
+        reference::upsample_nearest2x(&t[0]).unwrap()
+    });
     close(&o1, &o2, 0.0, "upsample output");
     close(&g1[0], &g2[0], 1e-6, "upsample grad");
 }
@@ -98,5 +158,7 @@ fn upsample_matches_candle() {
 #[test]
 fn fast_path_only_for_cpu_f32() {
     assert!(super::use_fast_path(&rand(&[1], 0)) || std::env::var_os("DDPM_PLAIN_OPS").is_some());
-    assert!(!super::use_fast_path(&rand(&[1], 0).to_dtype(DType::F64).unwrap()));
+    assert!(!super::use_fast_path(
+        &rand(&[1], 0).to_dtype(DType::F64).unwrap()
+    ));
 }
