@@ -205,6 +205,39 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
     assert!(bpd > 0.5 && bpd < 20.0, "{report}");
     assert_eq!(report["vb_by_quarter"].as_array().unwrap().len(), 4);
     assert!(report["prior_bpd"].as_f64().unwrap() > 0.0);
+    // eval: sample quality against the (synthetic) test set, with real images as the floor.
+    let out = ok(&cli(&[
+        "eval",
+        "--checkpoint",
+        ck4.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--num",
+        "6",
+        "--batch-size",
+        "3",
+        "--respacing",
+        "5",
+        "--json",
+        "--no-progress",
+    ]));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let report: serde_json::Value = serde_json::from_str(line).unwrap();
+    for side in ["samples", "real_train_images"] {
+        let is = report[side]["inception_score"].as_f64().unwrap();
+        assert!((1.0..=10.0).contains(&is), "{report}");
+        assert!(report[side]["frechet_distance"].as_f64().unwrap() >= 0.0);
+        let hist: Vec<u64> = report[side]["class_histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!((hist.len(), hist.iter().sum::<u64>()), (10, 6));
+    }
 }
 
 #[test]

@@ -45,6 +45,14 @@ enum Command {
         #[arg(long)]
         retrain: Option<PathBuf>,
     },
+    /// Retrain the MNIST classifier used by `ddpm-cli eval` and rewrite its committed weights.
+    TrainClassifier {
+        #[command(flatten)]
+        download: mnist::DownloadArgs,
+        /// Epochs.
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+    },
     /// Measure training and sampling throughput (side by side with the original when
     /// REF_PYTHON and REF_SRC are set).
     Bench {
@@ -114,6 +122,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::TrainMnist(args) => {
             mnist::train(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TrainClassifier { download, epochs } => {
+            mnist::download(&download)?;
+            mnist::train_classifier(&download.dir, epochs)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Golden { bless, retrain } => {

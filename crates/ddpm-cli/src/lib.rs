@@ -1,5 +1,6 @@
 //! The `ddpm-cli` commands as a library, so `cargo xtask` can run them in-process.
 
+pub mod eval;
 pub mod nll;
 pub mod sample;
 pub mod train;

@@ -28,6 +28,8 @@ enum Command {
     Sample(ddpm_cli::sample::SampleArgs),
     /// Bits/dim (the variational bound) of a checkpoint on a data split.
     Nll(ddpm_cli::nll::NllArgs),
+    /// Sample quality on MNIST: Fréchet distance and Inception Score from a digit classifier.
+    Eval(ddpm_cli::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Nll(args) => {
             ddpm_cli::nll::run(&args)?;
+            Ok(())
+        }
+        Command::Eval(args) => {
+            ddpm_cli::eval::run(&args)?;
             Ok(())
         }
     }

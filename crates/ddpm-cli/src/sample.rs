@@ -80,6 +80,11 @@ pub fn run(args: &SampleArgs) -> Result<Samples> {
     if args.out.is_none() && args.npz.is_none() && args.gif.is_none() {
         bail!("nothing to write: give --out grid.png, --npz FILE and/or --gif FILE");
     }
+    generate(args)
+}
+
+/// Samples as `args` say and writes whichever files it names.
+pub fn generate(args: &SampleArgs) -> Result<Samples> {
     if args.num == 0 || args.batch_size == 0 {
         bail!("--num and --batch-size must be positive");
     }

@@ -21,6 +21,7 @@ pub fn tune_mimalloc() {
 pub mod data;
 pub mod download;
 pub mod ema;
+pub mod eval;
 pub mod grid;
 pub mod optim;
 pub mod sampler;

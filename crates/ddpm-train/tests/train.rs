@@ -310,3 +310,31 @@ fn shared_mnist_download_falls_back_to_a_working_mirror_and_loads() {
     assert!(v.contains(&1.0));
     let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu);
 }
+
+/// The committed classifier behind `ddpm-cli eval` classifies real MNIST digits at >= 99%.
+#[test]
+fn shared_mnist_classifier_reaches_99_percent() {
+    let test = ImageDataset::load(&shared_mnist(), Split::Test).unwrap();
+    let clf = ddpm_train::eval::Classifier::pretrained(&Device::Cpu).unwrap();
+    let acc = clf.accuracy(&test).unwrap();
+    assert!(acc >= 0.99, "test accuracy {acc}");
+    // Real test digits score like a confident, balanced 10-way classifier.
+    let idx: Vec<usize> = (0..2000).collect();
+    let (x, _) = test.batch(&idx, &Device::Cpu).unwrap();
+    let (feats, probs) = clf.describe(&x, 500).unwrap();
+    assert_eq!(feats[0].len(), ddpm_train::eval::FEATURES);
+    let is = ddpm_train::eval::inception_score(&probs);
+    assert!(is > 9.0, "IS {is}");
+    // Two halves of the real digits are close; real digits and noise images are far apart.
+    let (a, b) = feats.split_at(1000);
+    let noise = Tensor::rand(-1f32, 1f32, (1000, 1, 28, 28), &Device::Cpu).unwrap();
+    let (noise_feats, _) = clf.describe(&noise, 500).unwrap();
+    let (fd_real, fd_noise) = (
+        ddpm_train::eval::frechet_distance(a, b),
+        ddpm_train::eval::frechet_distance(a, &noise_feats),
+    );
+    assert!(
+        fd_real < 0.05 * fd_noise,
+        "FD halves {fd_real}, FD to noise {fd_noise}"
+    );
+}
