@@ -86,12 +86,7 @@ fn shared_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     ddpm_train::tune_mimalloc();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    ddpm_cli::init_logging();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

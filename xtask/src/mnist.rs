@@ -5,8 +5,6 @@ use clap::{Args, Parser, ValueEnum};
 use ddpm_cli::train::TrainArgs;
 use ddpm_train::download::{download_mnist, MNIST_MIRRORS};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// Options of `download-mnist`.
 #[derive(Debug, Clone, Args)]
@@ -180,14 +178,7 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     t.resume_checkpoint = args.resume.clone();
     t.seed = args.seed;
     t.device = args.device.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || {
-        if s.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
-    })?;
+    let stop = ddpm_cli::ctrlc_stop_flag()?;
     let outcome = ddpm_cli::train::run(&t, Some(stop))?;
     println!("{outcome:?}");
     Ok(())

@@ -7,6 +7,32 @@ pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Logs to stderr at `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A flag set by the first Ctrl-C (the trainer then saves a checkpoint and returns); a second
+/// Ctrl-C exits at once.
+pub fn ctrlc_stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
+    })?;
+    Ok(stop)
+}
 
 /// Parses `--device`: `cpu`, `cuda`, `cuda:N` or `metal`.
 pub fn parse_device(s: &str) -> Result<Device> {

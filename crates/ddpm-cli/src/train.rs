@@ -233,14 +233,7 @@ pub fn run(
         }
     };
     if let Some(stop) = stop {
-        let flag = trainer.stop_flag();
-        std::thread::spawn(move || loop {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        });
+        trainer.set_stop_flag(stop);
     }
     tracing::info!(
         "training {} parameters for {} steps into {}",

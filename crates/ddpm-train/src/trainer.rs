@@ -218,6 +218,11 @@ impl Trainer {
         self.stop.clone()
     }
 
+    /// Uses `flag` as the stop flag (one shared with a signal handler).
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = flag;
+    }
+
     /// The model being trained.
     pub fn model(&self) -> &UNet {
         &self.model
