@@ -10,6 +10,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+/// One row of numbers per image (features or class probabilities).
+pub type Rows = Vec<Vec<f64>>;
+
 /// Width of the feature layer used for the Fréchet distance.
 pub const FEATURES: usize = 128;
 
@@ -123,7 +126,7 @@ impl Classifier {
     }
 
     /// Features and class probabilities of many images, in batches, as f64 rows.
-    pub fn describe(&self, x: &Tensor, batch: usize) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+    pub fn describe(&self, x: &Tensor, batch: usize) -> Result<(Rows, Rows)> {
         let n = x.dim(0)?;
         let (mut feats, mut probs) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for start in (0..n).step_by(batch.max(1)) {
@@ -231,6 +234,7 @@ fn random_shift(x: &Tensor, max: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> 
 }
 
 /// Mean and covariance (divided by n − 1) of the rows.
+#[allow(clippy::needless_range_loop)] // index loops read best for matrix code
 pub fn mean_cov(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
     let n = rows.len() as f64;
     let d = rows.first().map_or(0, |r| r.len());
@@ -259,6 +263,7 @@ pub fn mean_cov(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
 }
 
 /// Eigenvalues and eigenvectors (columns) of a symmetric matrix, by cyclic Jacobi rotations.
+#[allow(clippy::needless_range_loop)] // index loops read best for matrix code
 pub fn symmetric_eigen(a: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
     let n = a.len();
     let mut a: Vec<Vec<f64>> = a.to_vec();
