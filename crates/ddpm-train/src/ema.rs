@@ -27,7 +27,9 @@ impl Ema {
     pub fn update(&mut self, params: &[(String, Var)]) -> Result<()> {
         for (name, var) in params {
             if let Some(e) = self.params.get_mut(name) {
-                *e = ((&*e * self.rate)? + (var.as_tensor() * (1.0 - self.rate))?)?;
+                // Detached: otherwise each average keeps the previous one (and both products)
+                // alive as its backprop graph, and memory grows by three model copies a step.
+                *e = ((&*e * self.rate)? + (var.as_tensor() * (1.0 - self.rate))?)?.detach();
             }
         }
         Ok(())
@@ -60,5 +62,7 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(ema.rate_name(), "0.9");
+        // The average is plain data, not a graph that links every past step.
+        assert!(!ema.params["w"].track_op());
     }
 }
