@@ -259,7 +259,7 @@ impl CustomOp3 for Conv2d {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -288,7 +288,6 @@ impl CustomOp3 for Conv2d {
         )?;
         let (bs, c, ho, wo) = grad.dims4()?;
         let db = grad.reshape((bs, c, ho * wo))?.sum(2)?.sum(0)?;
-        let _ = b;
         Ok((dx, Some(dw), Some(db)))
     }
 }
