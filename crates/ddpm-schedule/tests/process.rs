@@ -13,6 +13,17 @@ use std::cell::RefCell;
 
 const S0: f64 = 0.25;
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 fn diffusion(
     steps: usize,
     respacing: &str,
@@ -138,14 +149,7 @@ fn ddim_with_eta_zero_is_deterministic_and_its_reverse_inverts_it() {
             .unwrap()
     };
     let (a, b) = (run(3), run(4));
-    let diff: f64 = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f64 = max_abs_diff(&a, &b);
     assert_eq!(diff, 0.0, "eta = 0 must not use the noise");
     // Encode the sample back with reverse steps 0..T-1: we must land on x_T again.
     let mut model = exact_model(&d);
@@ -158,14 +162,7 @@ fn ddim_with_eta_zero_is_deterministic_and_its_reverse_inverts_it() {
         let out = model(&x, &ts).unwrap();
         x = d.ddim_reverse_sample(&out, &x, &t, false).unwrap().sample;
     }
-    let err: f64 = (&x - &x_t)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let err: f64 = max_abs_diff(&x, &x_t);
     let scale: f64 = x_t.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     assert!(err < 0.02 * scale, "inversion error {err}");
     // With eta = 1 the noise matters.
@@ -173,14 +170,7 @@ fn ddim_with_eta_zero_is_deterministic_and_its_reverse_inverts_it() {
     let c = d
         .ddim_sample_loop(exact_model(&d), x_t.clone(), false, 1.0, &mut n1, |_| {})
         .unwrap();
-    let diff: f64 = (&a - &c)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f64 = max_abs_diff(&a, &c);
     assert!(diff > 1e-3);
 }
 
