@@ -197,10 +197,19 @@ impl ConvGeom {
     }
 }
 
+impl ConvGeom {
+    /// Whether the direct 3×3 kernels ([`super::direct`]) take this convolution.
+    fn direct(&self) -> bool {
+        self.k == 3 && self.stride == 1 && self.pad == 1 && super::direct_enabled()
+    }
+}
+
 /// Forward convolution with bias: x, weight, bias.
 struct Conv2d {
     stride: usize,
     pad: usize,
+    /// Whether 3×3 stride-1 convolutions may take the direct kernels (else im2col + GEMM).
+    direct: bool,
 }
 
 impl CustomOp3 for Conv2d {
@@ -224,6 +233,10 @@ impl CustomOp3 for Conv2d {
             slice(s3, l3, "conv2d bias")?,
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        if self.direct && g.direct() {
+            let out = super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias);
+            return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
+        }
         let img = g.c_in * g.h * g.w;
         let mut out = vec![0f32; g.b * co * n];
         out.par_chunks_mut(co * n).enumerate().for_each_init(
@@ -271,6 +284,7 @@ impl CustomOp3 for Conv2d {
                 &Conv2dBackwardInput {
                     stride: self.stride,
                     pad: self.pad,
+                    direct: self.direct,
                     h: x.dim(2)?,
                     w: x.dim(3)?,
                 },
@@ -283,6 +297,7 @@ impl CustomOp3 for Conv2d {
             &Conv2dBackwardWeight {
                 stride: self.stride,
                 pad: self.pad,
+                direct: self.direct,
                 k: w.dim(2)?,
             },
         )?;
@@ -296,6 +311,7 @@ impl CustomOp3 for Conv2d {
 struct Conv2dBackwardInput {
     stride: usize,
     pad: usize,
+    direct: bool,
     h: usize,
     w: usize,
 }
@@ -322,6 +338,10 @@ impl CustomOp2 for Conv2dBackwardInput {
             slice(s2, l2, "conv2d weight")?,
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        if self.direct && g.direct() {
+            let dx = super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in);
+            return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
+        }
         let img = g.c_in * g.h * g.w;
         let mut dx = vec![0f32; g.b * img];
         dx.par_chunks_mut(img).enumerate().for_each_init(
@@ -365,6 +385,7 @@ impl CustomOp2 for Conv2dBackwardInput {
 struct Conv2dBackwardWeight {
     stride: usize,
     pad: usize,
+    direct: bool,
     k: usize,
 }
 
@@ -384,6 +405,10 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        if self.direct && g.direct() {
+            let dw = super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), co);
+            return Ok((CpuStorage::F32(dw), Shape::from((co, g.c_in, g.k, g.k))));
+        }
         let img = g.c_in * g.h * g.w;
         let threads = rayon::current_num_threads().max(1);
         let per = g.b.div_ceil(threads);
@@ -433,12 +458,25 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    conv2d_with(x, weight, bias, stride, padding, true)
+}
+
+/// [`conv2d`], with the direct 3×3 kernels allowed or not (tests compare both paths).
+pub fn conv2d_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+    direct: bool,
+) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
         Conv2d {
             stride,
             pad: padding,
+            direct,
         },
     )
 }
@@ -484,11 +522,11 @@ impl GroupNorm {
         })
     }
 
-    /// Mean and 1/std of one group.
+    /// Mean and 1/std of one group (sums in f64 over eight independent lanes).
     fn stats(&self, xg: &[f32]) -> (f32, f32) {
         let n = xg.len() as f64;
-        let mean = xg.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = xg.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let mean = lane_sum(xg, |v| v as f64) / n;
+        let var = lane_sum(xg, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
         (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
     }
 
@@ -503,9 +541,45 @@ impl GroupNorm {
     }
 }
 
-#[inline]
+/// Σ f(v) with eight independent f64 accumulators, so the loop vectorises without reordering
+/// any one accumulator's additions.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += f(c[l]);
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|&v| f(v)).sum::<f64>()
+}
+
+/// e^x to about 2 ulp for f32 (Cody-Waite reduction, degree-6 polynomial); unlike libm's expf
+/// it inlines and vectorises.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Inputs outside this range would overflow or leave the normal range of 2^n.
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by the 1.5·2^23 trick (vectorises, unlike f32::round).
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^n: adding 2^23 + 127 leaves n + 127 in the low mantissa bits; the shift moves it into
+    // the exponent field (a float-to-int cast would not vectorise on AVX2).
+    p * f32::from_bits((n + 8_388_735.0).to_bits() << 23)
+}
+
+#[inline(always)]
 fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
+    1.0 / (1.0 + exp_fast(-z))
 }
 
 impl CustomOp2 for GroupNorm {
@@ -614,53 +688,63 @@ impl CustomOp3 for GroupNormBackward {
         dx.par_chunks_mut(gsize)
             .zip(partial.par_chunks_mut(4 * d.cg))
             .enumerate()
-            .for_each_init(
-                || (vec![0f32; gsize], vec![0f32; gsize]),
-                |(xhat, dxhat), (i, (dxg, part))| {
-                    let (b, g) = (i / op.groups, i % op.groups);
-                    let xg = &x[i * gsize..(i + 1) * gsize];
-                    let dg = &dout[i * gsize..(i + 1) * gsize];
-                    let (mean, rstd) = op.stats(xg);
-                    let (mut sum1, mut sum2) = (0f64, 0f64);
-                    for ci in 0..d.cg {
-                        let c = g * d.cg + ci;
-                        let (gamma, beta) = (p[c], p[d.c + c]);
-                        let (s1, sh) = op.film(p, &d, b, c);
-                        let (mut dgamma, mut dbeta, mut dscale, mut dshift) =
-                            (0f32, 0f32, 0f32, 0f32);
-                        for j in ci * d.t..(ci + 1) * d.t {
-                            let xh = (xg[j] - mean) * rstd;
-                            let y = xh * gamma + beta;
+            .for_each(|(i, (dxg, part))| {
+                let (b, g) = (i / op.groups, i % op.groups);
+                let xg = &x[i * gsize..(i + 1) * gsize];
+                let dg = &dout[i * gsize..(i + 1) * gsize];
+                let (mean, rstd) = op.stats(xg);
+                // Pass 1, per channel: dz (the gradient before scale-shift and GroupNorm's
+                // affine), kept in dx for pass 2, and the two sums every parameter gradient
+                // and the normalisation's gradient are made of: Σdz and Σdz·x̂.
+                let (mut sum1, mut sum2) = (0f64, 0f64);
+                for ci in 0..d.cg {
+                    let c = g * d.cg + ci;
+                    let (gamma, beta) = (p[c], p[d.c + c]);
+                    let (s1, sh) = op.film(p, &d, b, c);
+                    let (a, z0) = (gamma * s1, beta * s1 + sh);
+                    let range = ci * d.t..(ci + 1) * d.t;
+                    let (xs, ds, dzs) = (&xg[range.clone()], &dg[range.clone()], &mut dxg[range]);
+                    let (mut sdz, mut sdzx) = ([0f32; 16], [0f32; 16]);
+                    let mut j = 0;
+                    while j < d.t {
+                        let w = (d.t - j).min(16);
+                        for l in 0..w {
+                            let xh = (xs[j + l] - mean) * rstd;
                             let dz = if op.silu {
-                                let z = y * s1 + sh;
+                                let z = xh * a + z0;
                                 let s = sigmoid(z);
-                                dg[j] * s * (1.0 + z * (1.0 - s))
+                                ds[j + l] * s * (1.0 + z * (1.0 - s))
                             } else {
-                                dg[j]
+                                ds[j + l]
                             };
-                            dshift += dz;
-                            dscale += dz * y;
-                            let dy = dz * s1;
-                            dgamma += dy * xh;
-                            dbeta += dy;
-                            let dxh = dy * gamma;
-                            sum1 += dxh as f64;
-                            sum2 += (dxh * xh) as f64;
-                            xhat[j] = xh;
-                            dxhat[j] = dxh;
+                            dzs[j + l] = dz;
+                            sdz[l] += dz;
+                            sdzx[l] += dz * xh;
                         }
-                        part[ci] = dgamma;
-                        part[d.cg + ci] = dbeta;
-                        part[2 * d.cg + ci] = dscale;
-                        part[3 * d.cg + ci] = dshift;
+                        j += w;
                     }
-                    let n = gsize as f64;
-                    let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
-                    for j in 0..gsize {
-                        dxg[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
+                    let sdz: f32 = sdz.iter().sum();
+                    let sdzx: f32 = sdzx.iter().sum();
+                    part[ci] = s1 * sdzx;
+                    part[d.cg + ci] = s1 * sdz;
+                    part[2 * d.cg + ci] = gamma * sdzx + beta * sdz;
+                    part[3 * d.cg + ci] = sdz;
+                    sum1 += (a * sdz) as f64;
+                    sum2 += (a * sdzx) as f64;
+                }
+                // Pass 2: dx = rstd·(a·dz - mean(dx̂) - x̂·mean(dx̂·x̂)).
+                let n = gsize as f64;
+                let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
+                for ci in 0..d.cg {
+                    let c = g * d.cg + ci;
+                    let a = p[c] * op.film(p, &d, b, c).0;
+                    let range = ci * d.t..(ci + 1) * d.t;
+                    for (dz, &xv) in dxg[range.clone()].iter_mut().zip(&xg[range]) {
+                        let xh = (xv - mean) * rstd;
+                        *dz = rstd * (a * *dz - m1 - xh * m2);
                     }
-                },
-            );
+                }
+            });
         let mut dp = vec![0f32; p.len()];
         for b in 0..d.b {
             for g in 0..op.groups {

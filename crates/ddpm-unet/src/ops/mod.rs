@@ -7,6 +7,7 @@
 //! Setting `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
 
 pub mod cpu;
+pub mod direct;
 pub mod reference;
 
 use candle_core::{DType, Result, Tensor};
@@ -16,6 +17,16 @@ fn plain_forced() -> bool {
     static PLAIN: OnceLock<bool> = OnceLock::new();
     *PLAIN.get_or_init(|| {
         std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty())
+    })
+}
+
+/// Whether 3×3 convolutions use the direct AVX-512 kernels: when the CPU has AVX-512 and
+/// `DDPM_NO_DIRECT_CONV` is not set (it selects the im2col + GEMM kernels instead).
+pub fn direct_enabled() -> bool {
+    static DIRECT: OnceLock<bool> = OnceLock::new();
+    *DIRECT.get_or_init(|| {
+        direct::available()
+            && !std::env::var_os("DDPM_NO_DIRECT_CONV").is_some_and(|v| v != "0" && !v.is_empty())
     })
 }
 

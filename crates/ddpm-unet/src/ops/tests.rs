@@ -70,27 +70,36 @@ fn run(
 
 #[test]
 fn conv2d_matches_candle_forward_and_backward() {
-    for &(b, ci, co, h, k, stride, pad) in &[
-        (2, 3, 5, 7, 3, 1, 1),
-        (3, 4, 4, 8, 3, 2, 1),
-        (2, 6, 3, 5, 1, 1, 0),
-        (1, 2, 3, 7, 3, 2, 1),
+    // (batch, c_in, c_out, height, width, kernel, stride, padding). The 3×3 stride-1 cases take
+    // the direct kernels where the CPU has AVX-512 and are also run through im2col + GEMM:
+    // c_out 17 and 5 exercise the 8-, 4- and 1-channel blocks, 28×28, 14×14 and 7×7 both
+    // position-block widths, 6×11 a rectangle.
+    for &(b, ci, co, h, w, k, stride, pad) in &[
+        (2, 3, 5, 7, 7, 3, 1, 1),
+        (2, 5, 17, 28, 28, 3, 1, 1),
+        (3, 16, 8, 14, 14, 3, 1, 1),
+        (2, 9, 2, 6, 11, 3, 1, 1),
+        (3, 4, 4, 8, 8, 3, 2, 1),
+        (2, 6, 3, 5, 5, 1, 1, 0),
+        (1, 2, 3, 7, 7, 3, 2, 1),
     ] {
         let inputs = [
-            rand(&[b, ci, h, h], 1),
+            rand(&[b, ci, h, w], 1),
             rand(&[co, ci, k, k], 2),
             rand(&[co], 3),
         ];
-        let (o1, g1) = run(&inputs, 9, |t| {
-            cpu::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap()
-        });
         let (o2, g2) = run(&inputs, 9, |t| {
             reference::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap()
         });
-        let what = format!("conv k{k} s{stride} p{pad}");
-        close(&o1, &o2, 1e-5, &format!("{what} output"));
-        for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
-            close(&g1[i], &g2[i], 1e-4, &format!("{what} {name}"));
+        for direct in [true, false] {
+            let (o1, g1) = run(&inputs, 9, |t| {
+                cpu::conv2d_with(&t[0], &t[1], &t[2], stride, pad, direct).unwrap()
+            });
+            let what = format!("conv {h}x{w} k{k} s{stride} p{pad} c{ci}->{co} direct {direct}");
+            close(&o1, &o2, 1e-5, &format!("{what} output"));
+            for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
+                close(&g1[i], &g2[i], 1e-4, &format!("{what} {name}"));
+            }
         }
     }
 }

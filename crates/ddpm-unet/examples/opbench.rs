@@ -1,0 +1,180 @@
+//! Times the UNet's hot ops on the MNIST model's shapes (batch 64 by default):
+//! `MIMALLOC_PURGE_DELAY=-1 cargo run -p ddpm-unet --example opbench [batch] [unet]`.
+//! Uses mimalloc like the binaries do (with the default allocator, fresh pages for every large
+//! buffer dominate the backward passes).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use ddpm_unet::{ops, ParamStore, UNet, UNetConfig};
+use std::time::Instant;
+
+fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// Median milliseconds of `f` over `reps` runs after one warm-up.
+fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
+    f()?;
+    let mut v = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+fn main() -> Result<()> {
+    let b: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    println!("batch {b}, {} threads", rayon::current_num_threads());
+    let only_unet = std::env::args().nth(2).is_some_and(|a| a == "unet");
+    // (c_in, c_out, size, kernel, stride, how many times the MNIST UNet has it)
+    let convs = [
+        (1, 32, 28, 3, 1, 1),
+        (32, 32, 28, 3, 1, 7),
+        (96, 32, 28, 3, 1, 1),
+        (64, 32, 28, 3, 1, 2),
+        (32, 32, 28, 3, 2, 1),
+        (32, 64, 14, 3, 1, 1),
+        (64, 64, 14, 3, 1, 7),
+        (128, 64, 14, 3, 1, 2),
+        (96, 64, 14, 3, 1, 1),
+        (64, 64, 14, 3, 2, 1),
+        (64, 64, 7, 3, 1, 7),
+        (128, 64, 7, 3, 1, 3),
+        (32, 2, 28, 3, 1, 1),
+    ];
+    let (mut tot_f, mut tot_b, mut tot_flop) = (0.0, 0.0, 0.0);
+    if !only_unet {
+        // What backward() itself costs on an output of the largest size, without any op.
+        let x = Var::from_tensor(&rand(&[b, 32, 28, 28], 1)?)?;
+        let g = rand(&[b, 32, 28, 28], 2)?;
+        let o1 = time(5, || {
+            x.as_tensor().mul(&g)?.sum_all()?.backward().map(|_| ())
+        })?;
+        let o2 = time(5, || (x.as_tensor() * 1.0)?.backward().map(|_| ()))?;
+        println!("backward overhead on {b}x32x28x28: mul+sum {o1:.2} ms, affine {o2:.2} ms");
+    }
+    for (i, &(ci, co, hw, k, s, count)) in convs.iter().enumerate().filter(|_| !only_unet) {
+        let x = Var::from_tensor(&rand(&[b, ci, hw, hw], i as u64)?)?;
+        let w = Var::from_tensor(&(rand(&[co, ci, k, k], 100 + i as u64)? * 0.1)?)?;
+        let bias = Var::from_tensor(&rand(&[co], 200 + i as u64)?)?;
+        let ho = (hw + 2 - k) / s + 1;
+        let flop = 2.0 * (b * co * ho * ho * ci * k * k) as f64;
+        let g = rand(&[b, co, ho, ho], 300 + i as u64)?;
+        let f = time(5, || {
+            ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, 1).map(|_| ())
+        })?;
+        let fb = time(5, || {
+            let y = ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, 1)?;
+            y.mul(&g)?.sum_all()?.backward().map(|_| ())
+        })?;
+        let bw = fb - f;
+        println!(
+            "conv {ci:>3}->{co:<3} {hw:>2}x{hw:<2} s{s} x{count}: fwd {f:7.2} ms {:6.1} GF/s | bwd {bw:7.2} ms {:6.1} GF/s",
+            flop / f / 1e6,
+            2.0 * flop / bw / 1e6
+        );
+        if k == 3 && s == 1 && ops::direct::available() {
+            let (xv, wv) = (
+                x.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                w.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+            );
+            let gv = g.flatten_all()?.to_vec1::<f32>()?;
+            let di = time(5, || {
+                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci);
+                Ok(())
+            })?;
+            let dw = time(5, || {
+                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co);
+                Ok(())
+            })?;
+            println!(
+                "    direct kernels: dX {di:.2} ms {:.1} GF/s, dW {dw:.2} ms {:.1} GF/s",
+                flop / di / 1e6,
+                flop / dw / 1e6
+            );
+        }
+        tot_f += f * count as f64;
+        tot_b += bw * count as f64;
+        tot_flop += flop * count as f64;
+    }
+    println!(
+        "convs total: fwd {tot_f:.1} ms ({:.1} GF/s), bwd {tot_b:.1} ms ({:.1} GF/s)",
+        tot_flop / tot_f / 1e6,
+        2.0 * tot_flop / tot_b / 1e6
+    );
+
+    if !only_unet {
+        // GroupNorm + scale-shift + SiLU on the largest activation.
+        let x = Var::from_tensor(&rand(&[b, 32, 28, 28], 7)?)?;
+        let gamma = Var::from_tensor(&(rand(&[32], 8)? + 1.0)?)?;
+        let beta = Var::from_tensor(&rand(&[32], 9)?)?;
+        let scale = Var::from_tensor(&rand(&[b, 32], 10)?)?;
+        let shift = Var::from_tensor(&rand(&[b, 32], 11)?)?;
+        let g = rand(&[b, 32, 28, 28], 12)?;
+        let gn = || {
+            ops::group_norm(
+                x.as_tensor(),
+                32,
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                1e-5,
+                Some((scale.as_tensor(), shift.as_tensor())),
+                true,
+            )
+        };
+        let f = time(5, || gn().map(|_| ()))?;
+        let fb = time(9, || gn()?.mul(&g)?.sum_all()?.backward().map(|_| ()))?;
+        let o = time(9, || {
+            x.as_tensor().mul(&g)?.sum_all()?.backward().map(|_| ())
+        })?;
+        println!(
+            "groupnorm+ss+silu 32x28x28: fwd {f:.2} ms, bwd {:.2} ms (after {o:.2} ms of mul+sum)",
+            fb - f - o
+        );
+    }
+
+    let cfg = UNetConfig::mnist();
+    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+    let unet = UNet::new(store.var_builder(), &cfg).map_err(candle_core::Error::wrap)?;
+    let x = rand(&[b, 1, 28, 28], 13)?;
+    let t = Tensor::from_vec(
+        (0..b).map(|i| (i * 997 % 1000) as f32).collect::<Vec<_>>(),
+        b,
+        &Device::Cpu,
+    )?;
+    let f = time(3, || {
+        unet.forward(&x, &t, None, false)
+            .map(|_| ())
+            .map_err(candle_core::Error::wrap)
+    })?;
+    let fb = time(3, || {
+        let y = unet
+            .forward(&x, &t, None, true)
+            .map_err(candle_core::Error::wrap)?;
+        y.sqr()?.mean_all()?.backward().map(|_| ())
+    })?;
+    println!(
+        "unet: fwd {f:.1} ms ({:.1} img/s), fwd+bwd {fb:.1} ms ({:.1} img/s)",
+        b as f64 / f * 1e3,
+        b as f64 / fb * 1e3
+    );
+    Ok(())
+}
