@@ -20,6 +20,11 @@ pub struct Figures {
     pub peak_rss_mib: f64,
 }
 
+/// Multiply-adds ×2 of the MNIST UNet's forward pass per image (convolutions, attention and
+/// linear layers), and of a training step (forward + the two gradients of every layer).
+const FORWARD_GFLOP_PER_IMAGE: f64 = 0.555;
+const TRAIN_GFLOP_PER_IMAGE: f64 = 3.0 * FORWARD_GFLOP_PER_IMAGE;
+
 /// Options of the benchmark.
 pub struct BenchOptions {
     pub batch: usize,
@@ -205,6 +210,15 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     let ours = bench_ours(&opts)?;
+    // The bf16 variant of the convolutions, where the CPU has AVX512-BF16.
+    let ours_bf16 = if ddpm_unet::ops::bf16::available() && ddpm_unet::ops::direct_enabled() {
+        ddpm_unet::ops::set_bf16_convolutions(true);
+        let f = bench_ours(&opts);
+        ddpm_unet::ops::set_bf16_convolutions(false);
+        Some(f?)
+    } else {
+        None
+    };
     let reference = bench_reference(&opts, threads)?;
     if opts.json {
         let ratio = reference.as_ref().map(|r| {
@@ -215,7 +229,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         });
         println!(
             "{}",
-            serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "original": reference, "ratio": ratio})
+            serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference, "ratio": ratio})
         );
         return Ok(());
     }
@@ -246,6 +260,32 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         ours.peak_rss_mib,
         reference.as_ref().map(|r| r.peak_rss_mib),
     );
+    row(
+        "train GFLOP/s",
+        ours.train_images_per_sec * TRAIN_GFLOP_PER_IMAGE,
+        reference
+            .as_ref()
+            .map(|r| r.train_images_per_sec * TRAIN_GFLOP_PER_IMAGE),
+    );
+    row(
+        "forward GFLOP/s",
+        ours.forward_images_per_sec * FORWARD_GFLOP_PER_IMAGE,
+        reference
+            .as_ref()
+            .map(|r| r.forward_images_per_sec * FORWARD_GFLOP_PER_IMAGE),
+    );
+    if let Some(b) = &ours_bf16 {
+        row(
+            "train images/s, bf16 convs",
+            b.train_images_per_sec,
+            reference.as_ref().map(|r| r.train_images_per_sec),
+        );
+        row(
+            "forward images/s, bf16 convs",
+            b.forward_images_per_sec,
+            reference.as_ref().map(|r| r.forward_images_per_sec),
+        );
+    }
     if reference.is_none() {
         println!("(set REF_PYTHON to a Python with torch and REF_SRC to an improved-diffusion checkout for the side-by-side)");
     }

@@ -72,6 +72,9 @@ pub struct TrainMnistArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// bf16 products in the CPU convolutions (AVX512-BF16), as `ddpm-cli train --bf16`.
+    #[arg(long)]
+    pub bf16: bool,
     #[command(flatten)]
     pub download: DownloadArgs,
 }
@@ -178,6 +181,7 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     t.resume_checkpoint = args.resume.clone();
     t.seed = args.seed;
     t.device = args.device.clone();
+    t.bf16 = args.bf16;
     let stop = ddpm_cli::ctrlc_stop_flag()?;
     let outcome = ddpm_cli::train::run(&t, Some(stop))?;
     println!("{outcome:?}");

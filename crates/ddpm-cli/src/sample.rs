@@ -62,6 +62,10 @@ pub struct SampleArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Multiply in bf16 (f32 accumulation) in the 3×3 convolutions' forward and input-gradient
+    /// kernels, on CPUs with AVX512-BF16; weights and everything else stay f32.
+    #[arg(long)]
+    pub bf16: bool,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -92,6 +96,7 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         bail!("--gif-show must be xt, x0 or both, not {:?}", args.gif_show);
     }
     let device: Device = parse_device(&args.device)?;
+    crate::set_bf16(args.bf16, &device);
     let ema = args
         .ema
         .as_deref()

@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Multiply in bf16 (f32 accumulation) in the 3×3 convolutions' forward and input-gradient
+    /// kernels, on CPUs with AVX512-BF16; weights and everything else stay f32.
+    #[arg(long)]
+    pub bf16: bool,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -196,6 +200,7 @@ pub fn run(
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<RunOutcome> {
     let device = parse_device(&args.device)?;
+    crate::set_bf16(args.bf16, &device);
     let data = ImageDataset::load(&args.data, Split::Train).with_context(|| {
         format!(
             "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",

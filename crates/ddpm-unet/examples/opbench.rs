@@ -43,7 +43,8 @@ fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(64);
     println!("batch {b}, {} threads", rayon::current_num_threads());
-    let only_unet = std::env::args().nth(2).is_some_and(|a| a == "unet");
+    let mode = std::env::args().nth(2).unwrap_or_default();
+    let only_unet = mode == "unet" || mode == "fwd" || mode == "resblock";
     // (c_in, c_out, size, kernel, stride, how many times the MNIST UNet has it)
     let convs = [
         (1, 32, 28, 3, 1, 1),
@@ -98,9 +99,23 @@ fn main() -> Result<()> {
             );
             let gv = g.flatten_all()?.to_vec1::<f32>()?;
             let di = time(5, || {
-                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci);
+                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, false);
                 Ok(())
             })?;
+            let bv = bias.as_tensor().to_vec1::<f32>()?;
+            let f16 = time(5, || {
+                ops::direct::forward(&xv, (b, ci, hw, hw), &wv, co, &bv, true);
+                Ok(())
+            })?;
+            let di16 = time(5, || {
+                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, true);
+                Ok(())
+            })?;
+            println!(
+                "    bf16: fwd {f16:.2} ms {:.1} GF/s, dX {di16:.2} ms {:.1} GF/s",
+                flop / f16 / 1e6,
+                flop / di16 / 1e6
+            );
             let dw = time(5, || {
                 ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co);
                 Ok(())
@@ -151,6 +166,53 @@ fn main() -> Result<()> {
         );
     }
 
+    if mode == "resblock" {
+        // A ResBlock's ops at 32 channels, 28×28, as the model composes them.
+        let c = 32;
+        let v = |shape: &[usize], seed| -> Result<Var> {
+            Var::from_tensor(&(rand(shape, seed)? * 0.2)?)
+        };
+        let x = v(&[b, c, 28, 28], 1)?;
+        let (g1, b1, g2, b2) = (v(&[c], 2)?, v(&[c], 3)?, v(&[c], 4)?, v(&[c], 5)?);
+        let (w1, c1, w2, c2) = (
+            v(&[c, c, 3, 3], 6)?,
+            v(&[c], 7)?,
+            v(&[c, c, 3, 3], 8)?,
+            v(&[c], 9)?,
+        );
+        let emb = v(&[b, 2 * c], 10)?;
+        let block = || -> Result<Tensor> {
+            let h = ops::group_norm(
+                x.as_tensor(),
+                32,
+                g1.as_tensor(),
+                b1.as_tensor(),
+                1e-5,
+                None,
+                true,
+            )?;
+            let h = ops::conv2d(&h, w1.as_tensor(), c1.as_tensor(), 1, 1)?;
+            let (sc, sh) = (
+                emb.as_tensor().narrow(1, 0, c)?,
+                emb.as_tensor().narrow(1, c, c)?,
+            );
+            let h = ops::group_norm(
+                &h,
+                32,
+                g2.as_tensor(),
+                b2.as_tensor(),
+                1e-5,
+                Some((&sc, &sh)),
+                true,
+            )?;
+            let h = ops::conv2d(&h, w2.as_tensor(), c2.as_tensor(), 1, 1)?;
+            x.as_tensor() + h
+        };
+        let f = time(9, || block().map(|_| ()))?;
+        let fb = time(9, || block()?.sum_all()?.backward().map(|_| ()))?;
+        println!("resblock 32ch 28x28: fwd {f:.2} ms, fwd+bwd {fb:.2} ms");
+        return Ok(());
+    }
     let cfg = UNetConfig::mnist();
     let store = ParamStore::new(0, DType::F32, &Device::Cpu);
     let unet = UNet::new(store.var_builder(), &cfg).map_err(candle_core::Error::wrap)?;
@@ -160,11 +222,15 @@ fn main() -> Result<()> {
         b,
         &Device::Cpu,
     )?;
-    let f = time(3, || {
+    let f = time(if mode == "fwd" { 15 } else { 3 }, || {
         unet.forward(&x, &t, None, false)
             .map(|_| ())
             .map_err(candle_core::Error::wrap)
     })?;
+    if mode == "fwd" {
+        println!("unet: fwd {f:.1} ms ({:.1} img/s)", b as f64 / f * 1e3);
+        return Ok(());
+    }
     let fb = time(3, || {
         let y = unet
             .forward(&x, &t, None, true)

@@ -210,6 +210,8 @@ struct Conv2d {
     pad: usize,
     /// Whether 3×3 stride-1 convolutions may take the direct kernels (else im2col + GEMM).
     direct: bool,
+    /// Whether the direct kernels multiply in bf16.
+    bf16: bool,
 }
 
 impl CustomOp3 for Conv2d {
@@ -234,7 +236,7 @@ impl CustomOp3 for Conv2d {
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         if self.direct && g.direct() {
-            let out = super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias);
+            let out = super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.bf16);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
         let img = g.c_in * g.h * g.w;
@@ -285,6 +287,7 @@ impl CustomOp3 for Conv2d {
                     stride: self.stride,
                     pad: self.pad,
                     direct: self.direct,
+                    bf16: self.bf16,
                     h: x.dim(2)?,
                     w: x.dim(3)?,
                 },
@@ -312,6 +315,7 @@ struct Conv2dBackwardInput {
     stride: usize,
     pad: usize,
     direct: bool,
+    bf16: bool,
     h: usize,
     w: usize,
 }
@@ -339,7 +343,7 @@ impl CustomOp2 for Conv2dBackwardInput {
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         if self.direct && g.direct() {
-            let dx = super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in);
+            let dx = super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.bf16);
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         let img = g.c_in * g.h * g.w;
@@ -458,10 +462,19 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_with(x, weight, bias, stride, padding, true)
+    conv2d_with(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        true,
+        super::bf16_convolutions(),
+    )
 }
 
-/// [`conv2d`], with the direct 3×3 kernels allowed or not (tests compare both paths).
+/// [`conv2d`], with the direct 3×3 kernels allowed or not and in bf16 or not (tests compare
+/// the paths).
 pub fn conv2d_with(
     x: &Tensor,
     weight: &Tensor,
@@ -469,6 +482,7 @@ pub fn conv2d_with(
     stride: usize,
     padding: usize,
     direct: bool,
+    bf16: bool,
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -477,6 +491,7 @@ pub fn conv2d_with(
             stride,
             pad: padding,
             direct,
+            bf16,
         },
     )
 }

@@ -27,15 +27,15 @@ const LANES: usize = 16;
 
 /// Layout of one image on the padded grid.
 #[derive(Debug, Clone, Copy)]
-struct Grid {
+pub(crate) struct Grid {
     h: usize,
     w: usize,
     /// Padded row width, W + 2.
-    wp: usize,
+    pub(crate) wp: usize,
     /// Output positions computed per channel (H·(W+2), rounded up to whole blocks).
-    q: usize,
+    pub(crate) q: usize,
     /// Stride between channels of the padded input (covers the furthest tap of the last block).
-    s: usize,
+    pub(crate) s: usize,
 }
 
 impl Grid {
@@ -84,32 +84,48 @@ fn conv_packed(
     wt: &[f32],
     cout: usize,
     bias: Option<&[f32]>,
+    bf16: bool,
 ) -> Vec<f32> {
     let g = Grid::new(h, w, QV * LANES);
+    let bf16 = bf16 && super::bf16::available();
+    let wt2 = if bf16 {
+        super::bf16::pack_weights(wt, cin, cout)
+    } else {
+        Vec::new()
+    };
     let mut out = vec![0f32; b * cout * h * w];
     out.par_chunks_mut(cout * h * w).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(padded, outq), (i, o)| {
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(padded, outq, pairs), (i, o)| {
             g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, padded);
             outq.clear();
             outq.resize(cout * g.q, 0.0);
-            // SAFETY: `available()` was checked by the caller; the kernel's loads stay inside
-            // `padded` ([cin, s] with s covering the furthest tap) and its stores inside
-            // `outq` ([cout, q]), by Grid's arithmetic.
-            unsafe { kernels::forward(padded, &g, cin, wt, cout, bias, outq) };
+            if bf16 {
+                super::bf16::pack_pairs(padded, cin, g.s, pairs);
+                // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq`
+                // [cout, q] with q a multiple of 32, as the kernel requires.
+                unsafe { super::bf16::forward(pairs, &g, cin.div_ceil(2), &wt2, cout, bias, outq) };
+            } else {
+                // SAFETY: `available()` was checked by the caller; the kernel's loads stay
+                // inside `padded` ([cin, s] with s covering the furthest tap) and its stores
+                // inside `outq` ([cout, q]), by Grid's arithmetic.
+                unsafe { kernels::forward(padded, &g, cin, wt, cout, bias, outq) };
+            }
             g.drop_padding(outq, cout, o);
         },
     );
     out
 }
 
-/// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3].
+/// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3];
+/// with `bf16` (and AVX512-BF16) the products are taken in bf16, accumulated in f32.
 pub fn forward(
     x: &[f32],
     dims: (usize, usize, usize, usize),
     weight: &[f32],
     cout: usize,
     bias: &[f32],
+    bf16: bool,
 ) -> Vec<f32> {
     let cin = dims.1;
     let mut wt = vec![0f32; cin * 9 * cout];
@@ -120,15 +136,17 @@ pub fn forward(
             }
         }
     }
-    conv_packed(x, dims, &wt, cout, Some(bias))
+    conv_packed(x, dims, &wt, cout, Some(bias), bf16)
 }
 
-/// The input gradient: dX [B, Cin, H, W] from dY [B, Cout, H, W] and weight [Cout, Cin, 3, 3].
+/// The input gradient: dX [B, Cin, H, W] from dY [B, Cout, H, W] and weight [Cout, Cin, 3, 3]
+/// (`bf16` as for [`forward`]).
 pub fn backward_input(
     dy: &[f32],
     (b, cout, h, w): (usize, usize, usize, usize),
     weight: &[f32],
     cin: usize,
+    bf16: bool,
 ) -> Vec<f32> {
     // dX is dY convolved with the kernel flipped in space and transposed in channels.
     let mut wt = vec![0f32; cout * 9 * cin];
@@ -139,7 +157,7 @@ pub fn backward_input(
             }
         }
     }
-    conv_packed(dy, (b, cout, h, w), &wt, cin, None)
+    conv_packed(dy, (b, cout, h, w), &wt, cin, None, bf16)
 }
 
 /// The weight gradient: dW [Cout, Cin, 3, 3] = Σ over images and positions of dY ⊗ x's taps.

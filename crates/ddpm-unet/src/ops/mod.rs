@@ -6,12 +6,28 @@
 //! compositions of plain Candle ops ([`reference`]), which also serve as the oracle in tests.
 //! Setting `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
 
+pub mod bf16;
 pub mod cpu;
 pub mod direct;
 pub mod reference;
 
 use candle_core::{DType, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+
+static BF16_CONVOLUTIONS: AtomicBool = AtomicBool::new(false);
+
+/// Lets the direct 3×3 convolutions (forward and input gradient) multiply in bf16 with f32
+/// accumulation, where the CPU has AVX512-BF16. Process-wide, like Candle's own reduced-
+/// precision switches; weights, weight gradients and every other op stay f32.
+pub fn set_bf16_convolutions(on: bool) {
+    BF16_CONVOLUTIONS.store(on, Ordering::Relaxed);
+}
+
+/// Whether convolutions created now take the bf16 kernels (asked for and supported).
+pub fn bf16_convolutions() -> bool {
+    BF16_CONVOLUTIONS.load(Ordering::Relaxed) && bf16::available() && direct_enabled()
+}
 
 fn plain_forced() -> bool {
     static PLAIN: OnceLock<bool> = OnceLock::new();

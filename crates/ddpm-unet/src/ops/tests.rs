@@ -93,7 +93,7 @@ fn conv2d_matches_candle_forward_and_backward() {
         });
         for direct in [true, false] {
             let (o1, g1) = run(&inputs, 9, |t| {
-                cpu::conv2d_with(&t[0], &t[1], &t[2], stride, pad, direct).unwrap()
+                cpu::conv2d_with(&t[0], &t[1], &t[2], stride, pad, direct, false).unwrap()
             });
             let what = format!("conv {h}x{w} k{k} s{stride} p{pad} c{ci}->{co} direct {direct}");
             close(&o1, &o2, 1e-5, &format!("{what} output"));
@@ -170,4 +170,69 @@ fn fast_path_only_for_cpu_f32() {
     assert!(!super::use_fast_path(
         &rand(&[1], 0).to_dtype(DType::F64).unwrap()
     ));
+}
+
+/// Rounds every element to the nearest bf16 (kept as f32).
+fn to_bf16(t: &Tensor) -> Tensor {
+    let v: Vec<f32> = t
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|x| f32::from_bits(super::bf16::bf16_bits(x) << 16))
+        .collect();
+    Tensor::from_vec(v, t.shape(), t.device()).unwrap()
+}
+
+#[test]
+fn bf16_rounding_is_nearest_even() {
+    let r = |x: f32| f32::from_bits(super::bf16::bf16_bits(x) << 16);
+    assert_eq!(r(1.0), 1.0);
+    // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+    assert_eq!(r(1.0 + 1.0 / 256.0), 1.0);
+    assert_eq!(r(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+    assert_eq!(r(-2.5e-3), -0.002_502_441_4);
+    assert!(r(f32::NAN).is_nan());
+    assert_eq!(r(f32::INFINITY), f32::INFINITY);
+}
+
+#[test]
+fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
+    if !super::bf16::available() || !super::direct_enabled() {
+        eprintln!("no AVX512-BF16 here: the bf16 kernels are not used, nothing to test");
+        return;
+    }
+    // c_in 5 pairs its last channel with zero; c_out 13 takes the 8-, 4- and 1-channel blocks.
+    for &(b, ci, co, h, w) in &[(2, 5, 13, 9, 9), (3, 32, 16, 14, 14), (1, 4, 2, 28, 28)] {
+        let x = rand(&[b, ci, h, w], 21);
+        let wt = rand(&[co, ci, 3, 3], 22);
+        let bias = rand(&[co], 23);
+        let got = cpu::conv2d_with(&x, &wt, &bias, 1, 1, true, true).unwrap();
+        let want = reference::conv2d(&to_bf16(&x), &to_bf16(&wt), &bias, 1, 1).unwrap();
+        close(&got, &want, 1e-5, &format!("bf16 conv {ci}->{co} {h}x{w}"));
+        // Far from the unrounded f32 result, as bf16 should be, but within its precision.
+        let exact = reference::conv2d(&x, &wt, &bias, 1, 1).unwrap();
+        close(&got, &exact, 3e-2, "bf16 conv against f32");
+        // The input gradient goes through the same kernel with the transposed weights.
+        let inputs = [x.clone(), wt.clone(), bias.clone()];
+        let (_, g1) = run(&inputs, 24, |t| {
+            cpu::conv2d_with(&t[0], &t[1], &t[2], 1, 1, true, true).unwrap()
+        });
+        let (_, g3) = run(&inputs, 24, |t| {
+            reference::conv2d(&t[0], &t[1], &t[2], 1, 1).unwrap()
+        });
+        let dx_want = {
+            // dX of the rounded problem: weights and output gradient (the probe) rounded.
+            let p = to_bf16(&rand(&[b, co, h, w], 24));
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = reference::conv2d(xv.as_tensor(), &to_bf16(&wt), &bias, 1, 1).unwrap();
+            let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+            grads.get(xv.as_tensor()).unwrap().clone()
+        };
+        close(&g1[0], &dx_want, 1e-5, "bf16 conv dx");
+        // The weight and bias gradients stay f32.
+        close(&g1[1], &g3[1], 1e-4, "bf16 conv dw");
+        close(&g1[2], &g3[2], 1e-4, "bf16 conv db");
+    }
 }
