@@ -11,7 +11,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{what}: the fast CPU kernels take f32")
     };
@@ -23,7 +23,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 
 /// C[m×n] (+)= A·B with explicit strides, single-threaded (the caller parallelises).
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -545,6 +545,96 @@ impl GroupNorm {
         (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
     }
 
+    /// Normalises group i (image i / groups, group i % groups) of x into o.
+    #[inline(always)]
+    fn forward_group(&self, p: &[f32], d: &GnDims, i: usize, o: &mut [f32], xg: &[f32]) {
+        let (b, g) = (i / self.groups, i % self.groups);
+        let (mean, rstd) = self.stats(xg);
+        for ci in 0..d.cg {
+            let c = g * d.cg + ci;
+            let a = p[c] * rstd;
+            let sh0 = p[d.c + c] - mean * a;
+            let (s1, sh) = self.film(p, d, b, c);
+            let (a, sh0) = (a * s1, sh0 * s1 + sh);
+            let (orow, xrow) = (
+                &mut o[ci * d.t..(ci + 1) * d.t],
+                &xg[ci * d.t..(ci + 1) * d.t],
+            );
+            if self.silu {
+                for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                    let z = xv * a + sh0;
+                    *ov = z * sigmoid(z);
+                }
+            } else {
+                for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                    *ov = xv * a + sh0;
+                }
+            }
+        }
+    }
+
+    /// The backward pass of group a.i: dx into dxg, per-channel parameter sums into part.
+    #[inline(always)]
+    fn backward_group(&self, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+        let GroupArgs { x, dout, p, d, i } = a;
+        let gsize = d.cg * d.t;
+        let (b, g) = (i / self.groups, i % self.groups);
+        let xg = &x[i * gsize..(i + 1) * gsize];
+        let dg = &dout[i * gsize..(i + 1) * gsize];
+        let (mean, rstd) = self.stats(xg);
+        // Pass 1, per channel: dz (the gradient before scale-shift and GroupNorm's
+        // affine), kept in dx for pass 2, and the two sums every parameter gradient
+        // and the normalisation's gradient are made of: Σdz and Σdz·x̂.
+        let (mut sum1, mut sum2) = (0f64, 0f64);
+        for ci in 0..d.cg {
+            let c = g * d.cg + ci;
+            let (gamma, beta) = (p[c], p[d.c + c]);
+            let (s1, sh) = self.film(p, d, b, c);
+            let (a, z0) = (gamma * s1, beta * s1 + sh);
+            let range = ci * d.t..(ci + 1) * d.t;
+            let (xs, ds, dzs) = (&xg[range.clone()], &dg[range.clone()], &mut dxg[range]);
+            let (mut sdz, mut sdzx) = ([0f32; 16], [0f32; 16]);
+            let mut j = 0;
+            while j < d.t {
+                let w = (d.t - j).min(16);
+                for l in 0..w {
+                    let xh = (xs[j + l] - mean) * rstd;
+                    let dz = if self.silu {
+                        let z = xh * a + z0;
+                        let s = sigmoid(z);
+                        ds[j + l] * s * (1.0 + z * (1.0 - s))
+                    } else {
+                        ds[j + l]
+                    };
+                    dzs[j + l] = dz;
+                    sdz[l] += dz;
+                    sdzx[l] += dz * xh;
+                }
+                j += w;
+            }
+            let sdz: f32 = sdz.iter().sum();
+            let sdzx: f32 = sdzx.iter().sum();
+            part[ci] = s1 * sdzx;
+            part[d.cg + ci] = s1 * sdz;
+            part[2 * d.cg + ci] = gamma * sdzx + beta * sdz;
+            part[3 * d.cg + ci] = sdz;
+            sum1 += (a * sdz) as f64;
+            sum2 += (a * sdzx) as f64;
+        }
+        // Pass 2: dx = rstd·(a·dz - mean(dx̂) - x̂·mean(dx̂·x̂)).
+        let n = gsize as f64;
+        let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
+        for ci in 0..d.cg {
+            let c = g * d.cg + ci;
+            let a = p[c] * self.film(p, d, b, c).0;
+            let range = ci * d.t..(ci + 1) * d.t;
+            for (dz, &xv) in dxg[range.clone()].iter_mut().zip(&xg[range]) {
+                let xh = (xv - mean) * rstd;
+                *dz = rstd * (a * *dz - m1 - xh * m2);
+            }
+        }
+    }
+
     /// (1 + scale, shift) for batch element b, channel c.
     fn film(&self, p: &[f32], d: &GnDims, b: usize, c: usize) -> (f32, f32) {
         if self.scale_shift {
@@ -574,7 +664,7 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
 /// e^x to about 2 ulp for f32 (Cody-Waite reduction, degree-6 polynomial); unlike libm's expf
 /// it inlines and vectorises.
 #[inline(always)]
-fn exp_fast(x: f32) -> f32 {
+pub(crate) fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -595,6 +685,72 @@ fn exp_fast(x: f32) -> f32 {
 #[inline(always)]
 fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + exp_fast(-z))
+}
+
+/// Whether the CPU has AVX-512F, AVX2 and FMA, for the wrappers below (checked once). The
+/// crates are built for baseline x86-64, so without them the element-wise kernels use SSE2.
+fn simd512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`GroupNorm::forward_group`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn forward_group_avx512(
+    op: &GroupNorm,
+    p: &[f32],
+    d: &GnDims,
+    i: usize,
+    o: &mut [f32],
+    xg: &[f32],
+) {
+    op.forward_group(p, d, i, o, xg)
+}
+
+/// [`GroupNorm::backward_group`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+    op.backward_group(a, dxg, part)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn forward_group_avx512(
+    op: &GroupNorm,
+    p: &[f32],
+    d: &GnDims,
+    i: usize,
+    o: &mut [f32],
+    xg: &[f32],
+) {
+    op.forward_group(p, d, i, o, xg)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+    op.backward_group(a, dxg, part)
+}
+
+/// The read-only inputs of one group's backward pass.
+#[derive(Clone, Copy)]
+struct GroupArgs<'a> {
+    x: &'a [f32],
+    dout: &'a [f32],
+    p: &'a [f32],
+    d: &'a GnDims,
+    i: usize,
 }
 
 impl CustomOp2 for GroupNorm {
@@ -620,28 +776,11 @@ impl CustomOp2 for GroupNorm {
             .zip(x.par_chunks(gsize))
             .enumerate()
             .for_each(|(i, (o, xg))| {
-                let (b, g) = (i / self.groups, i % self.groups);
-                let (mean, rstd) = self.stats(xg);
-                for ci in 0..d.cg {
-                    let c = g * d.cg + ci;
-                    let a = p[c] * rstd;
-                    let sh0 = p[d.c + c] - mean * a;
-                    let (s1, sh) = self.film(p, &d, b, c);
-                    let (a, sh0) = (a * s1, sh0 * s1 + sh);
-                    let (orow, xrow) = (
-                        &mut o[ci * d.t..(ci + 1) * d.t],
-                        &xg[ci * d.t..(ci + 1) * d.t],
-                    );
-                    if self.silu {
-                        for (ov, &xv) in orow.iter_mut().zip(xrow) {
-                            let z = xv * a + sh0;
-                            *ov = z * sigmoid(z);
-                        }
-                    } else {
-                        for (ov, &xv) in orow.iter_mut().zip(xrow) {
-                            *ov = xv * a + sh0;
-                        }
-                    }
+                if simd512() {
+                    // SAFETY: the CPU has the features the wrapper enables.
+                    unsafe { forward_group_avx512(self, p, &d, i, o, xg) }
+                } else {
+                    self.forward_group(p, &d, i, o, xg)
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -704,60 +843,18 @@ impl CustomOp3 for GroupNormBackward {
             .zip(partial.par_chunks_mut(4 * d.cg))
             .enumerate()
             .for_each(|(i, (dxg, part))| {
-                let (b, g) = (i / op.groups, i % op.groups);
-                let xg = &x[i * gsize..(i + 1) * gsize];
-                let dg = &dout[i * gsize..(i + 1) * gsize];
-                let (mean, rstd) = op.stats(xg);
-                // Pass 1, per channel: dz (the gradient before scale-shift and GroupNorm's
-                // affine), kept in dx for pass 2, and the two sums every parameter gradient
-                // and the normalisation's gradient are made of: Σdz and Σdz·x̂.
-                let (mut sum1, mut sum2) = (0f64, 0f64);
-                for ci in 0..d.cg {
-                    let c = g * d.cg + ci;
-                    let (gamma, beta) = (p[c], p[d.c + c]);
-                    let (s1, sh) = op.film(p, &d, b, c);
-                    let (a, z0) = (gamma * s1, beta * s1 + sh);
-                    let range = ci * d.t..(ci + 1) * d.t;
-                    let (xs, ds, dzs) = (&xg[range.clone()], &dg[range.clone()], &mut dxg[range]);
-                    let (mut sdz, mut sdzx) = ([0f32; 16], [0f32; 16]);
-                    let mut j = 0;
-                    while j < d.t {
-                        let w = (d.t - j).min(16);
-                        for l in 0..w {
-                            let xh = (xs[j + l] - mean) * rstd;
-                            let dz = if op.silu {
-                                let z = xh * a + z0;
-                                let s = sigmoid(z);
-                                ds[j + l] * s * (1.0 + z * (1.0 - s))
-                            } else {
-                                ds[j + l]
-                            };
-                            dzs[j + l] = dz;
-                            sdz[l] += dz;
-                            sdzx[l] += dz * xh;
-                        }
-                        j += w;
-                    }
-                    let sdz: f32 = sdz.iter().sum();
-                    let sdzx: f32 = sdzx.iter().sum();
-                    part[ci] = s1 * sdzx;
-                    part[d.cg + ci] = s1 * sdz;
-                    part[2 * d.cg + ci] = gamma * sdzx + beta * sdz;
-                    part[3 * d.cg + ci] = sdz;
-                    sum1 += (a * sdz) as f64;
-                    sum2 += (a * sdzx) as f64;
-                }
-                // Pass 2: dx = rstd·(a·dz - mean(dx̂) - x̂·mean(dx̂·x̂)).
-                let n = gsize as f64;
-                let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
-                for ci in 0..d.cg {
-                    let c = g * d.cg + ci;
-                    let a = p[c] * op.film(p, &d, b, c).0;
-                    let range = ci * d.t..(ci + 1) * d.t;
-                    for (dz, &xv) in dxg[range.clone()].iter_mut().zip(&xg[range]) {
-                        let xh = (xv - mean) * rstd;
-                        *dz = rstd * (a * *dz - m1 - xh * m2);
-                    }
+                let a = GroupArgs {
+                    x,
+                    dout,
+                    p,
+                    d: &d,
+                    i,
+                };
+                if simd512() {
+                    // SAFETY: the CPU has the features the wrapper enables.
+                    unsafe { backward_group_avx512(op, a, dxg, part) }
+                } else {
+                    op.backward_group(a, dxg, part)
                 }
             });
         let mut dp = vec![0f32; p.len()];

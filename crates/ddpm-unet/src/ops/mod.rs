@@ -6,6 +6,7 @@
 //! compositions of plain Candle ops ([`reference`]), which also serve as the oracle in tests.
 //! Setting `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
 
+pub mod attention;
 pub mod bf16;
 pub mod cpu;
 pub mod direct;
@@ -86,7 +87,11 @@ pub fn group_norm(
 
 /// Multi-head QKV attention on qkv [B, heads·3·ch, T] laid out per head as (q, k, v).
 pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    reference::attention(qkv, heads)
+    if use_fast_path(qkv) {
+        attention::attention(qkv, heads)
+    } else {
+        reference::attention(qkv, heads)
+    }
 }
 
 /// Nearest-neighbour ×2 upsampling of [B, C, H, W].

@@ -236,3 +236,21 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
         close(&g1[2], &g3[2], 1e-4, "bf16 conv db");
     }
 }
+
+#[test]
+fn attention_matches_candle() {
+    // (batch, heads, ch per head, positions): the UNet's 7×7 maps, and odd sizes.
+    for &(b, heads, ch, t) in &[(2, 4, 16, 49), (3, 1, 5, 7), (1, 2, 8, 1)] {
+        let inputs = [(rand(&[b, heads * 3 * ch, t], 31) * 3.0).unwrap()];
+        let (o1, g1) = run(&inputs, 32, |x| {
+            super::attention::attention(&x[0], heads).unwrap()
+        });
+        let (o2, g2) = run(&inputs, 32, |x| reference::attention(&x[0], heads).unwrap());
+        let what = format!("attention b{b} heads{heads} ch{ch} t{t}");
+        close(&o1, &o2, 1e-5, &format!("{what} output"));
+        close(&g1[0], &g2[0], 1e-4, &format!("{what} grad"));
+    }
+    // A width that is not 3·ch·heads is an error, not a panic.
+    let bad = rand(&[1, 10, 4], 33);
+    assert!(super::attention::attention(&bad, 4).is_err());
+}
