@@ -15,7 +15,10 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        *AVX512.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -234,7 +237,7 @@ mod kernels {
 
     /// outq[co, q] (=/+) Σ_ci Σ_tap wt[ci, tap, co] · padded[ci, q + off(tap)], over all co.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     pub unsafe fn forward(
         padded: &[f32],
         g: &Grid,
@@ -267,7 +270,7 @@ mod kernels {
 
     /// Output channels co0..co0+CB over all positions, QV vectors of positions at a time.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn block<const CB: usize, const QV: usize>(
         padded: &[f32],
         g: &Grid,
@@ -315,7 +318,7 @@ mod kernels {
     /// dw[co, ci, tap] += Σ_q dyq[co, q] · padded[ci, q + off(tap)] over q < len; padded
     /// rows are `row` long, dyq rows `len` (a multiple of 16).
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     pub unsafe fn weight_grad(
         padded: &[f32],
         row: usize,
@@ -376,7 +379,10 @@ mod kernels {
 
     /// Three tap sums (kx = 0, 1, 2) of eight consecutive output-gradient rows d[c·len..]
     /// against one shifted input row x: Σ_q d_c[q]·x[q + kx].
-    #[target_feature(enable = "avx512f")]
+    // Out of line, and with AVX512-VL so that the registers above 15 take the zeroing idiom:
+    // otherwise LLVM spills a third of the 24 accumulators.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn wgrad_row8(x: *const f32, d: *const f32, len: usize) -> [[f32; 3]; 8] {
         let z = _mm512_setzero_ps();
         let mut acc = [z; 24];
@@ -447,7 +453,8 @@ mod kernels {
     /// The nine tap sums of two output channels (d0, d1) against one input row x:
     /// Σ_q d[q]·x[q + ky·wp + kx]. Eighteen accumulators, written out so that they stay in
     /// registers; the three tap rows are base pointers with immediate offsets.
-    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn wgrad_pair(
         x: *const f32,
         d0: *const f32,
