@@ -594,23 +594,37 @@ impl GroupNorm {
             let range = ci * d.t..(ci + 1) * d.t;
             let (xs, ds, dzs) = (&xg[range.clone()], &dg[range.clone()], &mut dxg[range]);
             let (mut sdz, mut sdzx) = ([0f32; 16], [0f32; 16]);
-            let mut j = 0;
-            while j < d.t {
-                let w = (d.t - j).min(16);
-                for l in 0..w {
-                    let xh = (xs[j + l] - mean) * rstd;
-                    let dz = if self.silu {
-                        let z = xh * a + z0;
-                        let s = sigmoid(z);
-                        ds[j + l] * s * (1.0 + z * (1.0 - s))
-                    } else {
-                        ds[j + l]
-                    };
-                    dzs[j + l] = dz;
+            let silu = self.silu;
+            let dz_of = |xv: f32, dv: f32| {
+                let xh = (xv - mean) * rstd;
+                let dz = if silu {
+                    let z = xh * a + z0;
+                    let s = sigmoid(z);
+                    dv * s * (1.0 + z * (1.0 - s))
+                } else {
+                    dv
+                };
+                (dz, xh)
+            };
+            // Whole vectors of 16 (so the loop vectorises), then the rest.
+            let full = d.t / 16 * 16;
+            for ((xc, dc), zc) in xs[..full]
+                .chunks_exact(16)
+                .zip(ds[..full].chunks_exact(16))
+                .zip(dzs[..full].chunks_exact_mut(16))
+            {
+                for l in 0..16 {
+                    let (dz, xh) = dz_of(xc[l], dc[l]);
+                    zc[l] = dz;
                     sdz[l] += dz;
                     sdzx[l] += dz * xh;
                 }
-                j += w;
+            }
+            for j in full..d.t {
+                let (dz, xh) = dz_of(xs[j], ds[j]);
+                dzs[j] = dz;
+                sdz[0] += dz;
+                sdzx[0] += dz * xh;
             }
             let sdz: f32 = sdz.iter().sum();
             let sdzx: f32 = sdzx.iter().sum();
