@@ -63,7 +63,7 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch: usize,
         /// Untimed iterations first.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 5)]
         warmup: usize,
         /// Timed iterations (the median is reported).
         #[arg(long, default_value_t = 5)]

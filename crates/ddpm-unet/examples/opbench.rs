@@ -60,6 +60,13 @@ fn main() -> Result<()> {
         (64, 64, 7, 3, 1, 7),
         (128, 64, 7, 3, 1, 3),
         (32, 2, 28, 3, 1, 1),
+        // The skip connections' 1×1 convolutions.
+        (96, 32, 28, 1, 1, 1),
+        (64, 32, 28, 1, 1, 2),
+        (32, 64, 14, 1, 1, 1),
+        (128, 64, 14, 1, 1, 2),
+        (96, 64, 14, 1, 1, 1),
+        (128, 64, 7, 1, 1, 3),
     ];
     let (mut tot_f, mut tot_b, mut tot_flop) = (0.0, 0.0, 0.0);
     if !only_unet {
@@ -76,14 +83,15 @@ fn main() -> Result<()> {
         let x = Var::from_tensor(&rand(&[b, ci, hw, hw], i as u64)?)?;
         let w = Var::from_tensor(&(rand(&[co, ci, k, k], 100 + i as u64)? * 0.1)?)?;
         let bias = Var::from_tensor(&rand(&[co], 200 + i as u64)?)?;
-        let ho = (hw + 2 - k) / s + 1;
+        let pad = k / 2;
+        let ho = (hw + 2 * pad - k) / s + 1;
         let flop = 2.0 * (b * co * ho * ho * ci * k * k) as f64;
         let g = rand(&[b, co, ho, ho], 300 + i as u64)?;
         let f = time(5, || {
-            ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, 1).map(|_| ())
+            ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, pad).map(|_| ())
         })?;
         let fb = time(5, || {
-            let y = ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, 1)?;
+            let y = ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, pad)?;
             y.mul(&g)?.sum_all()?.backward().map(|_| ())
         })?;
         let bw = fb - f;
