@@ -5,7 +5,8 @@
 //! Here each (image, head) is five small single-threaded GEMMs and a softmax, the heads spread
 //! over rayon's pool; the backward pass recomputes the attention weights rather than keep them.
 
-use super::cpu::{exp_fast, matmul, slice};
+use super::cpu::{matmul, slice};
+use super::norm::exp_fast;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

@@ -1,15 +1,18 @@
 //! The UNet's hot operations, kept behind one small interface.
 //!
 //! The model calls only these functions for convolution, GroupNorm (+ scale-shift + SiLU),
-//! attention and upsampling. On the CPU with f32 they run hand-written kernels (im2col + `gemm`
-//! convolution, fused GroupNorm, each with its own backward pass, see [`cpu`]); elsewhere they are
-//! compositions of plain Candle ops ([`reference`]), which also serve as the oracle in tests.
-//! Setting `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
+//! attention and upsampling. On the CPU with f32 they run hand-written kernels, each with its own
+//! backward pass: direct AVX-512 3×3 convolutions ([`direct`], with a bf16 variant in [`bf16`]),
+//! im2col + `gemm` for the other convolutions and for CPUs without AVX-512 ([`cpu`]), fused
+//! GroupNorm ([`norm`]) and attention ([`attention`]). Elsewhere they are compositions of plain
+//! Candle ops ([`reference`]), which also serve as the oracle in tests. Setting
+//! `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
 
 pub mod attention;
 pub mod bf16;
 pub mod cpu;
 pub mod direct;
+pub mod norm;
 pub mod reference;
 
 use candle_core::{DType, Result, Tensor};
@@ -79,7 +82,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     if use_fast_path(x) {
-        cpu::group_norm(x, groups, weight, bias, eps, scale_shift, silu)
+        norm::group_norm(x, groups, weight, bias, eps, scale_shift, silu)
     } else {
         reference::group_norm(x, groups, weight, bias, eps, scale_shift, silu)
     }

@@ -121,7 +121,7 @@ fn group_norm_matches_candle_in_every_variant() {
             move |t: &[Tensor]| {
                 let s = if ss { Some((&t[3], &t[4])) } else { None };
                 if fast {
-                    cpu::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
+                    super::norm::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
                 } else {
                     reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
                 }
@@ -142,7 +142,7 @@ fn group_norm_matches_candle_in_every_variant() {
     // 3-D input, as in attention blocks.
     let inputs = [rand(&[2, 32, 49], 11), rand(&[32], 12), rand(&[32], 13)];
     let (o1, g1) = run(&inputs, 14, |t| {
-        cpu::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()
+        super::norm::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()
     });
     let (o2, g2) = run(&inputs, 14, |t| {
         reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()

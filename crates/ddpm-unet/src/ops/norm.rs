@@ -1,0 +1,434 @@
+//! Fused GroupNorm (+ scale-shift) (+ SiLU) for the CPU, forward and backward, as Candle
+//! custom ops.
+//!
+//! One pass computes each group's statistics (f64 sums over eight lanes), one more normalises,
+//! applies the affine and FiLM terms and SiLU; the backward pass needs two passes and keeps only
+//! two sums per channel. The per-group loops are compiled a second time for AVX-512 and picked at
+//! run time (the crates are built for baseline x86-64).
+
+use super::cpu::slice;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Fused GroupNorm (+ scale-shift) (+ SiLU). `params` packs [gamma; beta] and, when present,
+/// [scale; shift] per batch element: [2C + B·2C].
+struct GroupNorm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    scale_shift: bool,
+}
+
+struct GnDims {
+    b: usize,
+    c: usize,
+    t: usize,
+    cg: usize,
+}
+
+impl GroupNorm {
+    fn dims(&self, x: &[usize], params_len: usize) -> Result<GnDims> {
+        if x.len() < 2 {
+            bail!("group_norm: input must be [B, C, ...]");
+        }
+        let (b, c) = (x[0], x[1]);
+        let t: usize = x[2..].iter().product();
+        if c % self.groups != 0 {
+            bail!(
+                "group_norm: {c} channels are not divisible by {} groups",
+                self.groups
+            );
+        }
+        let want = 2 * c + if self.scale_shift { 2 * b * c } else { 0 };
+        if params_len != want {
+            bail!("group_norm: {params_len} parameters for [{b}, {c}] (expected {want})");
+        }
+        Ok(GnDims {
+            b,
+            c,
+            t,
+            cg: c / self.groups,
+        })
+    }
+
+    /// Mean and 1/std of one group (sums in f64 over eight independent lanes).
+    fn stats(&self, xg: &[f32]) -> (f32, f32) {
+        let n = xg.len() as f64;
+        let mean = lane_sum(xg, |v| v as f64) / n;
+        let var = lane_sum(xg, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
+        (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+    }
+
+    /// Normalises group i (image i / groups, group i % groups) of x into o.
+    #[inline(always)]
+    fn forward_group(&self, p: &[f32], d: &GnDims, i: usize, o: &mut [f32], xg: &[f32]) {
+        let (b, g) = (i / self.groups, i % self.groups);
+        let (mean, rstd) = self.stats(xg);
+        for ci in 0..d.cg {
+            let c = g * d.cg + ci;
+            let a = p[c] * rstd;
+            let sh0 = p[d.c + c] - mean * a;
+            let (s1, sh) = self.film(p, d, b, c);
+            let (a, sh0) = (a * s1, sh0 * s1 + sh);
+            let (orow, xrow) = (
+                &mut o[ci * d.t..(ci + 1) * d.t],
+                &xg[ci * d.t..(ci + 1) * d.t],
+            );
+            if self.silu {
+                for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                    let z = xv * a + sh0;
+                    *ov = z * sigmoid(z);
+                }
+            } else {
+                for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                    *ov = xv * a + sh0;
+                }
+            }
+        }
+    }
+
+    /// The backward pass of group a.i: dx into dxg, per-channel parameter sums into part.
+    #[inline(always)]
+    fn backward_group(&self, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+        let GroupArgs { x, dout, p, d, i } = a;
+        let gsize = d.cg * d.t;
+        let (b, g) = (i / self.groups, i % self.groups);
+        let xg = &x[i * gsize..(i + 1) * gsize];
+        let dg = &dout[i * gsize..(i + 1) * gsize];
+        let (mean, rstd) = self.stats(xg);
+        // Pass 1, per channel: dz (the gradient before scale-shift and GroupNorm's
+        // affine), kept in dx for pass 2, and the two sums every parameter gradient
+        // and the normalisation's gradient are made of: Σdz and Σdz·x̂.
+        let (mut sum1, mut sum2) = (0f64, 0f64);
+        for ci in 0..d.cg {
+            let c = g * d.cg + ci;
+            let (gamma, beta) = (p[c], p[d.c + c]);
+            let (s1, sh) = self.film(p, d, b, c);
+            let (a, z0) = (gamma * s1, beta * s1 + sh);
+            let range = ci * d.t..(ci + 1) * d.t;
+            let (xs, ds, dzs) = (&xg[range.clone()], &dg[range.clone()], &mut dxg[range]);
+            let (mut sdz, mut sdzx) = ([0f32; 16], [0f32; 16]);
+            let silu = self.silu;
+            let dz_of = |xv: f32, dv: f32| {
+                let xh = (xv - mean) * rstd;
+                let dz = if silu {
+                    let z = xh * a + z0;
+                    let s = sigmoid(z);
+                    dv * s * (1.0 + z * (1.0 - s))
+                } else {
+                    dv
+                };
+                (dz, xh)
+            };
+            // Whole vectors of 16 (so the loop vectorises), then the rest.
+            let full = d.t / 16 * 16;
+            for ((xc, dc), zc) in xs[..full]
+                .chunks_exact(16)
+                .zip(ds[..full].chunks_exact(16))
+                .zip(dzs[..full].chunks_exact_mut(16))
+            {
+                for l in 0..16 {
+                    let (dz, xh) = dz_of(xc[l], dc[l]);
+                    zc[l] = dz;
+                    sdz[l] += dz;
+                    sdzx[l] += dz * xh;
+                }
+            }
+            for j in full..d.t {
+                let (dz, xh) = dz_of(xs[j], ds[j]);
+                dzs[j] = dz;
+                sdz[0] += dz;
+                sdzx[0] += dz * xh;
+            }
+            let sdz: f32 = sdz.iter().sum();
+            let sdzx: f32 = sdzx.iter().sum();
+            part[ci] = s1 * sdzx;
+            part[d.cg + ci] = s1 * sdz;
+            part[2 * d.cg + ci] = gamma * sdzx + beta * sdz;
+            part[3 * d.cg + ci] = sdz;
+            sum1 += (a * sdz) as f64;
+            sum2 += (a * sdzx) as f64;
+        }
+        // Pass 2: dx = rstd·(a·dz - mean(dx̂) - x̂·mean(dx̂·x̂)).
+        let n = gsize as f64;
+        let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
+        for ci in 0..d.cg {
+            let c = g * d.cg + ci;
+            let a = p[c] * self.film(p, d, b, c).0;
+            let range = ci * d.t..(ci + 1) * d.t;
+            for (dz, &xv) in dxg[range.clone()].iter_mut().zip(&xg[range]) {
+                let xh = (xv - mean) * rstd;
+                *dz = rstd * (a * *dz - m1 - xh * m2);
+            }
+        }
+    }
+
+    /// (1 + scale, shift) for batch element b, channel c.
+    fn film(&self, p: &[f32], d: &GnDims, b: usize, c: usize) -> (f32, f32) {
+        if self.scale_shift {
+            let ss = &p[2 * d.c + b * 2 * d.c..];
+            (1.0 + ss[c], ss[d.c + c])
+        } else {
+            (1.0, 0.0)
+        }
+    }
+}
+
+/// Σ f(v) with eight independent f64 accumulators, so the loop vectorises without reordering
+/// any one accumulator's additions.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += f(c[l]);
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|&v| f(v)).sum::<f64>()
+}
+
+/// e^x to about 2 ulp for f32 (Cody-Waite reduction, degree-6 polynomial); unlike libm's expf
+/// it inlines and vectorises.
+#[inline(always)]
+pub(crate) fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Inputs outside this range would overflow or leave the normal range of 2^n.
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by the 1.5·2^23 trick (vectorises, unlike f32::round).
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^n: adding 2^23 + 127 leaves n + 127 in the low mantissa bits; the shift moves it into
+    // the exponent field (a float-to-int cast would not vectorise on AVX2).
+    p * f32::from_bits((n + 8_388_735.0).to_bits() << 23)
+}
+
+#[inline(always)]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + exp_fast(-z))
+}
+
+/// Whether the CPU has AVX-512F, AVX2 and FMA, for the wrappers below (checked once). The
+/// crates are built for baseline x86-64, so without them the element-wise kernels use SSE2.
+fn simd512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`GroupNorm::forward_group`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn forward_group_avx512(
+    op: &GroupNorm,
+    p: &[f32],
+    d: &GnDims,
+    i: usize,
+    o: &mut [f32],
+    xg: &[f32],
+) {
+    op.forward_group(p, d, i, o, xg)
+}
+
+/// [`GroupNorm::backward_group`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+    op.backward_group(a, dxg, part)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn forward_group_avx512(
+    op: &GroupNorm,
+    p: &[f32],
+    d: &GnDims,
+    i: usize,
+    o: &mut [f32],
+    xg: &[f32],
+) {
+    op.forward_group(p, d, i, o, xg)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+    op.backward_group(a, dxg, part)
+}
+
+/// The read-only inputs of one group's backward pass.
+#[derive(Clone, Copy)]
+struct GroupArgs<'a> {
+    x: &'a [f32],
+    dout: &'a [f32],
+    p: &'a [f32],
+    d: &'a GnDims,
+    i: usize,
+}
+
+impl CustomOp2 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "ddpm-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, p) = (
+            slice(s1, l1, "group_norm x")?,
+            slice(s2, l2, "group_norm params")?,
+        );
+        let d = self.dims(l1.dims(), p.len())?;
+        let gsize = d.cg * d.t;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(gsize)
+            .zip(x.par_chunks(gsize))
+            .enumerate()
+            .for_each(|(i, (o, xg))| {
+                if simd512() {
+                    // SAFETY: the CPU has the features the wrapper enables.
+                    unsafe { forward_group_avx512(self, p, &d, i, o, xg) }
+                } else {
+                    self.forward_group(p, &d, i, o, xg)
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(
+            params,
+            &grad.contiguous()?,
+            &GroupNormBackward(GroupNorm { ..*self }),
+        )?;
+        let nx = x.elem_count();
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dp = packed.narrow(0, nx, params.elem_count())?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl Clone for GroupNorm {
+    fn clone(&self) -> Self {
+        Self { ..*self }
+    }
+}
+
+/// The backward pass of [`GroupNorm`]: gives [dx; dparams] packed in one vector.
+struct GroupNormBackward(GroupNorm);
+
+impl CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "ddpm-group-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let (x, p, dout) = (
+            slice(s1, l1, "group_norm x")?,
+            slice(s2, l2, "group_norm params")?,
+            slice(s3, l3, "group_norm grad")?,
+        );
+        let d = op.dims(l1.dims(), p.len())?;
+        let gsize = d.cg * d.t;
+        let mut dx = vec![0f32; x.len()];
+        // Per group: partial d(gamma), d(beta) for its channels, and d(scale), d(shift).
+        let mut partial = vec![0f32; d.b * op.groups * 4 * d.cg];
+        dx.par_chunks_mut(gsize)
+            .zip(partial.par_chunks_mut(4 * d.cg))
+            .enumerate()
+            .for_each(|(i, (dxg, part))| {
+                let a = GroupArgs {
+                    x,
+                    dout,
+                    p,
+                    d: &d,
+                    i,
+                };
+                if simd512() {
+                    // SAFETY: the CPU has the features the wrapper enables.
+                    unsafe { backward_group_avx512(op, a, dxg, part) }
+                } else {
+                    op.backward_group(a, dxg, part)
+                }
+            });
+        let mut dp = vec![0f32; p.len()];
+        for b in 0..d.b {
+            for g in 0..op.groups {
+                let part = &partial[(b * op.groups + g) * 4 * d.cg..][..4 * d.cg];
+                for ci in 0..d.cg {
+                    let c = g * d.cg + ci;
+                    dp[c] += part[ci];
+                    dp[d.c + c] += part[d.cg + ci];
+                    if op.scale_shift {
+                        dp[2 * d.c + b * 2 * d.c + c] = part[2 * d.cg + ci];
+                        dp[2 * d.c + b * 2 * d.c + d.c + c] = part[3 * d.cg + ci];
+                    }
+                }
+            }
+        }
+        dx.extend_from_slice(&dp);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+/// GroupNorm (+ scale-shift) (+ SiLU) through the fused kernel.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    scale_shift: Option<(&Tensor, &Tensor)>,
+    silu: bool,
+) -> Result<Tensor> {
+    let mut parts = vec![weight.flatten_all()?, bias.flatten_all()?];
+    if let Some((scale, shift)) = scale_shift {
+        let b = x.dim(0)?;
+        parts.push(Tensor::cat(&[scale, shift], 1)?.reshape(b * 2 * x.dim(1)?)?);
+    }
+    let params = Tensor::cat(&parts, 0)?;
+    x.contiguous()?.apply_op2(
+        &params,
+        GroupNorm {
+            groups,
+            eps,
+            silu,
+            scale_shift: scale_shift.is_some(),
+        },
+    )
+}
