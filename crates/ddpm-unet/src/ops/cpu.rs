@@ -297,7 +297,8 @@ impl CustomOp3 for Conv2d {
         } else {
             None
         };
-        let dw = grad.apply_op2_no_bwd(
+        // [dW; db] in one buffer.
+        let packed = grad.apply_op2_no_bwd(
             x,
             &Conv2dBackwardWeight {
                 stride: self.stride,
@@ -306,8 +307,9 @@ impl CustomOp3 for Conv2d {
                 k: w.dim(2)?,
             },
         )?;
-        let (bs, c, ho, wo) = grad.dims4()?;
-        let db = grad.reshape((bs, c, ho * wo))?.sum(2)?.sum(0)?;
+        let nw = w.elem_count();
+        let dw = packed.narrow(0, 0, nw)?.reshape(w.shape())?;
+        let db = packed.narrow(0, nw, w.dim(0)?)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
@@ -387,7 +389,34 @@ impl CustomOp2 for Conv2dBackwardInput {
     }
 }
 
-/// dW from dY and the input x.
+/// Σ over images and positions of dY [B, C, N]: the bias gradient, per channel.
+fn bias_grad(dy: &[f32], b: usize, c: usize, n: usize) -> Vec<f32> {
+    let per_image: Vec<Vec<f64>> = dy
+        .par_chunks(c * n)
+        .take(b)
+        .map(|img| {
+            img.chunks(n)
+                .map(|row| {
+                    // Sixteen f32 lanes over one row, then f64 across rows and images.
+                    let mut acc = [0f32; 16];
+                    let full = row.len() / 16 * 16;
+                    for ch in row[..full].chunks_exact(16) {
+                        for l in 0..16 {
+                            acc[l] += ch[l];
+                        }
+                    }
+                    acc.iter().map(|&v| v as f64).sum::<f64>()
+                        + row[full..].iter().map(|&v| v as f64).sum::<f64>()
+                })
+                .collect()
+        })
+        .collect();
+    (0..c)
+        .map(|ch| per_image.iter().map(|v| v[ch]).sum::<f64>() as f32)
+        .collect()
+}
+
+/// [dW; db] from dY and the input x.
 struct Conv2dBackwardWeight {
     stride: usize,
     pad: usize,
@@ -411,9 +440,12 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+        let db = bias_grad(dy, g.b, co, n);
         if self.direct && g.direct() {
-            let dw = super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), co);
-            return Ok((CpuStorage::F32(dw), Shape::from((co, g.c_in, g.k, g.k))));
+            let mut dw = super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), co);
+            dw.extend_from_slice(&db);
+            let len = dw.len();
+            return Ok((CpuStorage::F32(dw), Shape::from(len)));
         }
         let img = g.c_in * g.h * g.w;
         let threads = rayon::current_num_threads().max(1);
@@ -452,7 +484,9 @@ impl CustomOp2 for Conv2dBackwardWeight {
         for p in partials {
             dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
-        Ok((CpuStorage::F32(dw), Shape::from((co, g.c_in, g.k, g.k))))
+        dw.extend_from_slice(&db);
+        let len = dw.len();
+        Ok((CpuStorage::F32(dw), Shape::from(len)))
     }
 }
 
