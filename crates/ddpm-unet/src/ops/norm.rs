@@ -217,20 +217,14 @@ fn sigmoid(z: f32) -> f32 {
 
 /// Whether the CPU has AVX-512F, AVX2 and FMA, for the wrappers below (checked once). The
 /// crates are built for baseline x86-64, so without them the element-wise kernels use SSE2.
+#[cfg(target_arch = "x86_64")]
 fn simd512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    })
 }
 
 /// [`GroupNorm::forward_group`] compiled for AVX-512.
@@ -250,23 +244,6 @@ unsafe fn forward_group_avx512(
 /// [`GroupNorm::backward_group`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
-    op.backward_group(a, dxg, part)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn forward_group_avx512(
-    op: &GroupNorm,
-    p: &[f32],
-    d: &GnDims,
-    i: usize,
-    o: &mut [f32],
-    xg: &[f32],
-) {
-    op.forward_group(p, d, i, o, xg)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
 unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
     op.backward_group(a, dxg, part)
 }
@@ -304,12 +281,12 @@ impl CustomOp2 for GroupNorm {
             .zip(x.par_chunks(gsize))
             .enumerate()
             .for_each(|(i, (o, xg))| {
+                #[cfg(target_arch = "x86_64")]
                 if simd512() {
                     // SAFETY: the CPU has the features the wrapper enables.
-                    unsafe { forward_group_avx512(self, p, &d, i, o, xg) }
-                } else {
-                    self.forward_group(p, &d, i, o, xg)
+                    return unsafe { forward_group_avx512(self, p, &d, i, o, xg) };
                 }
+                self.forward_group(p, &d, i, o, xg)
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -378,12 +355,12 @@ impl CustomOp3 for GroupNormBackward {
                     d: &d,
                     i,
                 };
+                #[cfg(target_arch = "x86_64")]
                 if simd512() {
                     // SAFETY: the CPU has the features the wrapper enables.
-                    unsafe { backward_group_avx512(op, a, dxg, part) }
-                } else {
-                    op.backward_group(a, dxg, part)
+                    return unsafe { backward_group_avx512(op, a, dxg, part) };
                 }
+                op.backward_group(a, dxg, part)
             });
         let mut dp = vec![0f32; p.len()];
         for b in 0..d.b {
