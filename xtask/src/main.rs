@@ -85,6 +85,7 @@ fn shared_dir() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    ddpm_train::tune_threads();
     ddpm_train::tune_mimalloc();
     ddpm_cli::init_logging();
     match run(Cli::parse()) {

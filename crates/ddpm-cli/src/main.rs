@@ -31,6 +31,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ddpm_train::tune_threads();
     ddpm_train::tune_mimalloc();
     ddpm_cli::init_logging();
     match run(Cli::parse()) {
