@@ -51,12 +51,31 @@ impl GroupNorm {
         })
     }
 
-    /// Mean and 1/std of one group (sums in f64 over eight independent lanes).
+    /// Mean and 1/std of one group, in one pass: sums of (x - k) and (x - k)² in f64 over
+    /// eight independent lanes, shifted by the group's first value k so that the variance
+    /// does not come from the difference of two large sums.
+    #[inline(always)]
     fn stats(&self, xg: &[f32]) -> (f32, f32) {
         let n = xg.len() as f64;
-        let mean = lane_sum(xg, |v| v as f64) / n;
-        let var = lane_sum(xg, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
-        (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+        let k = xg.first().copied().unwrap_or(0.0) as f64;
+        let (mut s1, mut s2) = ([0f64; 8], [0f64; 8]);
+        let chunks = xg.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..8 {
+                let d = c[l] as f64 - k;
+                s1[l] += d;
+                s2[l] += d * d;
+            }
+        }
+        let (mut t1, mut t2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
+        for &v in rest {
+            let d = v as f64 - k;
+            t1 += d;
+            t2 += d * d;
+        }
+        let var = ((t2 - t1 * t1 / n) / n).max(0.0);
+        ((k + t1 / n) as f32, (1.0 / (var + self.eps).sqrt()) as f32)
     }
 
     /// Normalises group i (image i / groups, group i % groups) of x into o.
@@ -172,21 +191,6 @@ impl GroupNorm {
             (1.0, 0.0)
         }
     }
-}
-
-/// Σ f(v) with eight independent f64 accumulators, so the loop vectorises without reordering
-/// any one accumulator's additions.
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = xs.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += f(c[l]);
-        }
-    }
-    acc.iter().sum::<f64>() + rest.iter().map(|&v| f(v)).sum::<f64>()
 }
 
 /// e^x to about 2 ulp for f32 (Cody-Waite reduction, degree-6 polynomial); unlike libm's expf
