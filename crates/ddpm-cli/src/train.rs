@@ -115,8 +115,8 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Multiply in bf16 (f32 accumulation) in the 3×3 convolutions' forward and input-gradient
-    /// kernels, on CPUs with AVX512-BF16; weights and everything else stay f32.
+    /// Multiply in bf16 (f32 accumulation) in the 3×3 convolutions and their gradients, on CPUs
+    /// with AVX512-BF16; weights, optimiser and everything else stay f32.
     #[arg(long)]
     pub bf16: bool,
     /// Hide the progress bar.

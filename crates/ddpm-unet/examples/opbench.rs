@@ -124,13 +124,18 @@ fn main() -> Result<()> {
                 ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, true);
                 Ok(())
             })?;
+            let dw16 = time(5, || {
+                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, true);
+                Ok(())
+            })?;
             println!(
-                "    bf16: fwd {f16:.2} ms {:.1} GF/s, dX {di16:.2} ms {:.1} GF/s",
+                "    bf16: fwd {f16:.2} ms {:.1} GF/s, dX {di16:.2} ms {:.1} GF/s, dW {dw16:.2} ms {:.1} GF/s",
                 flop / f16 / 1e6,
-                flop / di16 / 1e6
+                flop / di16 / 1e6,
+                flop / dw16 / 1e6
             );
             let dw = time(5, || {
-                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co);
+                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, false);
                 Ok(())
             })?;
             println!(

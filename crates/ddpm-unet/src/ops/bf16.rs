@@ -1,9 +1,10 @@
 //! The bf16 variant of the direct 3×3 convolution (AVX512-BF16).
 //!
-//! Inputs and weights are rounded to bf16 and multiplied with `vdpbf16ps`, which takes two
-//! input channels per instruction and accumulates in f32: about twice the f32 kernel's
-//! arithmetic per cycle. Accumulation, bias, outputs and everything outside the convolution
-//! stay f32 (the weights' master copy included), as in PyTorch's bf16 autocast.
+//! Operands are rounded to bf16 and multiplied with `vdpbf16ps`, which takes pairs (two input
+//! channels in the forward kernel, two positions in the weight gradient) per instruction and
+//! accumulates in f32: about twice the f32 kernels' arithmetic per cycle. Accumulation, bias,
+//! outputs and everything outside the convolution stay f32 (the weights' master copy included),
+//! as in PyTorch's bf16 autocast.
 
 use super::direct::Grid;
 
@@ -177,5 +178,92 @@ mod kernel {
             }
             q0 += QV * LANES;
         }
+    }
+
+    /// Three tap sums (kx = 0, 1, 2) of CB consecutive output-gradient rows d[c·len..]
+    /// against one shifted input row x, 32 positions (16 bf16 pairs) per instruction.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
+    pub unsafe fn wgrad_rows<const CB: usize>(
+        x: *const u16,
+        d: *const u16,
+        len: usize,
+    ) -> [[f32; 3]; CB] {
+        macro_rules! load {
+            ($p:expr) => {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512($p as *const __m512i))
+            };
+        }
+        let mut acc = [[_mm512_setzero_ps(); 3]; CB];
+        let mut q = 0;
+        while q < len {
+            // SAFETY: the caller bounds q + 31 < len for d's rows and q + 33 + 2·wp for x.
+            let xs = unsafe { [load!(x.add(q)), load!(x.add(q + 1)), load!(x.add(q + 2))] };
+            for (c, a) in acc.iter_mut().enumerate() {
+                let dv = unsafe { load!(d.add(c * len + q)) };
+                for k in 0..3 {
+                    a[k] = _mm512_dpbf16_ps(a[k], dv, xs[k]);
+                }
+            }
+            q += 32;
+        }
+        acc.map(|a| a.map(|v| _mm512_reduce_add_ps(v)))
+    }
+}
+
+/// dw[co, ci, tap] += Σ_q dyq[co, q]·padded[ci, q + off(tap)] in bf16 (f32 sums): the weight
+/// gradient of [`super::direct::backward_weight`] on bf16 copies of its position rows.
+///
+/// # Safety
+/// [`available`] must be true; `len` is a multiple of 32, `padded` holds [cin, row] with
+/// row ≥ len + 2·wp + 2, `dyq` [cout, len] and `dw` [cout, cin, 9].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn weight_grad(
+    padded: &[u16],
+    row: usize,
+    dyq: &[u16],
+    len: usize,
+    wp: usize,
+    cin: usize,
+    cout: usize,
+    dw: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            len.is_multiple_of(32)
+                && len + 2 * wp + 2 <= row
+                && padded.len() >= cin * row
+                && dyq.len() >= cout * len
+                && dw.len() >= cout * cin * 9
+        );
+        for ci in 0..cin {
+            let x = padded[ci * row..].as_ptr();
+            let mut co = 0;
+            while co < cout {
+                let cb = if cout - co >= 8 { 8 } else { 1 };
+                for ky in 0..3 {
+                    // SAFETY: the assert above bounds every load (rows of 32 positions from
+                    // q < len, taps up to 2·wp + 2 further).
+                    let (d, xk) = unsafe { (dyq.as_ptr().add(co * len), x.add(ky * wp)) };
+                    let mut add = |c: usize, s: [f32; 3]| {
+                        let r = &mut dw[((co + c) * cin + ci) * 9 + ky * 3..][..3];
+                        r.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                    };
+                    if cb == 8 {
+                        let sums = unsafe { kernel::wgrad_rows::<8>(xk, d, len) };
+                        sums.into_iter().enumerate().for_each(|(c, s)| add(c, s));
+                    } else {
+                        add(0, unsafe { kernel::wgrad_rows::<1>(xk, d, len) }[0]);
+                    }
+                }
+                co += cb;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (padded, row, dyq, len, wp, cin, cout, dw);
+        unreachable!("the bf16 kernel is only dispatched when available()")
     }
 }

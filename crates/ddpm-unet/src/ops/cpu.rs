@@ -304,6 +304,7 @@ impl CustomOp3 for Conv2d {
                 stride: self.stride,
                 pad: self.pad,
                 direct: self.direct,
+                bf16: self.bf16,
                 k: w.dim(2)?,
             },
         )?;
@@ -421,6 +422,7 @@ struct Conv2dBackwardWeight {
     stride: usize,
     pad: usize,
     direct: bool,
+    bf16: bool,
     k: usize,
 }
 
@@ -442,7 +444,8 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         let db = bias_grad(dy, g.b, co, n);
         if self.direct && g.direct() {
-            let mut dw = super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), co);
+            let mut dw =
+                super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), co, self.bf16);
             dw.extend_from_slice(&db);
             let len = dw.len();
             return Ok((CpuStorage::F32(dw), Shape::from(len)));

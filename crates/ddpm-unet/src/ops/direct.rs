@@ -163,13 +163,18 @@ pub fn backward_input(
     conv_packed(dy, (b, cout, h, w), &wt, cin, None, bf16)
 }
 
-/// The weight gradient: dW [Cout, Cin, 3, 3] = Σ over images and positions of dY ⊗ x's taps.
+/// The weight gradient: dW [Cout, Cin, 3, 3] = Σ over images and positions of dY ⊗ x's taps
+/// (with `bf16` and AVX512-BF16, products of bf16-rounded operands summed in f32).
 pub fn backward_weight(
     dy: &[f32],
     x: &[f32],
     (b, cin, h, w): (usize, usize, usize, usize),
     cout: usize,
+    bf16: bool,
 ) -> Vec<f32> {
+    let bf16 = bf16 && super::bf16::available();
+    // bf16 steps take 32 positions at a time.
+    let step = if bf16 { 2 * LANES } else { LANES };
     let g = Grid::new(h, w, LANES);
     // Several images are laid end to end on one long position axis, so each accumulator is
     // reduced once per chunk rather than once per image. Consecutive images share a zero
@@ -184,13 +189,14 @@ pub fn backward_weight(
         .map(|t| {
             let mut dw = vec![0f32; cout * cin * 9];
             let (mut padded, mut dyq) = (Vec::new(), Vec::new());
+            let (mut padded16, mut dyq16) = (Vec::new(), Vec::new());
             let (first, end) = (t * per, ((t + 1) * per).min(b));
             let mut i0 = first;
             while i0 < end {
                 let n = chunk.min(end - i0);
                 // Rows of n images' positions (a whole number of vectors), plus room for the
                 // furthest tap of the last vector.
-                let len = (n * stride).div_ceil(LANES) * LANES;
+                let len = (n * stride).div_ceil(step) * step;
                 let row = len + 2 * g.wp + 2;
                 padded.clear();
                 padded.resize(cin * row, 0.0);
@@ -215,9 +221,27 @@ pub fn backward_weight(
                         }
                     }
                 }
-                // SAFETY: `available()` was checked by the caller; loads stay inside
-                // `padded` ([cin, row]) and `dyq` ([cout, len]), stores inside `dw`.
-                unsafe { kernels::weight_grad(&padded, row, &dyq, len, &g, cin, cout, &mut dw) };
+                if bf16 {
+                    let to16 = |src: &[f32], dst: &mut Vec<u16>| {
+                        dst.clear();
+                        dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
+                    };
+                    to16(&padded, &mut padded16);
+                    to16(&dyq, &mut dyq16);
+                    // SAFETY: AVX512-BF16 is available; len is a multiple of 32 and the rows
+                    // are as the kernel requires.
+                    unsafe {
+                        super::bf16::weight_grad(
+                            &padded16, row, &dyq16, len, g.wp, cin, cout, &mut dw,
+                        )
+                    };
+                } else {
+                    // SAFETY: `available()` was checked by the caller; loads stay inside
+                    // `padded` ([cin, row]) and `dyq` ([cout, len]), stores inside `dw`.
+                    unsafe {
+                        kernels::weight_grad(&padded, row, &dyq, len, &g, cin, cout, &mut dw)
+                    };
+                }
                 i0 += n;
             }
             dw

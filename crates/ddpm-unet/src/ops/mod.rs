@@ -21,9 +21,9 @@ use std::sync::OnceLock;
 
 static BF16_CONVOLUTIONS: AtomicBool = AtomicBool::new(false);
 
-/// Lets the direct 3×3 convolutions (forward and input gradient) multiply in bf16 with f32
-/// accumulation, where the CPU has AVX512-BF16. Process-wide, like Candle's own reduced-
-/// precision switches; weights, weight gradients and every other op stay f32.
+/// Lets the direct 3×3 convolutions (forward, input and weight gradients) multiply in bf16 with
+/// f32 accumulation, where the CPU has AVX512-BF16. Process-wide, like Candle's own reduced-
+/// precision switches; weights, bias gradients and every other op stay f32.
 pub fn set_bf16_convolutions(on: bool) {
     BF16_CONVOLUTIONS.store(on, Ordering::Relaxed);
 }

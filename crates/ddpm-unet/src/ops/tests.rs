@@ -231,8 +231,16 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
             grads.get(xv.as_tensor()).unwrap().clone()
         };
         close(&g1[0], &dx_want, 1e-5, "bf16 conv dx");
-        // The weight and bias gradients stay f32.
-        close(&g1[1], &g3[1], 1e-4, "bf16 conv dw");
+        // The weight gradient: products of rounded inputs and output gradient, f32 sums.
+        let dw_want = {
+            let p = to_bf16(&rand(&[b, co, h, w], 24));
+            let wv = Var::from_tensor(&wt).unwrap();
+            let y = reference::conv2d(&to_bf16(&x), wv.as_tensor(), &bias, 1, 1).unwrap();
+            let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+            grads.get(wv.as_tensor()).unwrap().clone()
+        };
+        close(&g1[1], &dw_want, 1e-5, "bf16 conv dw");
+        // The bias gradient stays f32.
         close(&g1[2], &g3[2], 1e-4, "bf16 conv db");
     }
 }
