@@ -124,7 +124,7 @@ pub fn discretized_gaussian_log_likelihood(
     Ok(x.lt(-0.999)?.where_cond(&log_cdf_plus, &upper)?)
 }
 
-/// Mean over every dimension but the first: shape [B, ...] gives shape [B].
+/// Mean over every dimension but the first: shape `[B, ...]` gives shape `[B]`.
 pub fn mean_flat(x: &Tensor) -> Result<Tensor> {
     match x.rank() {
         0 => Err(MathError::Rank {

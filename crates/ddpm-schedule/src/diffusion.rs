@@ -20,7 +20,7 @@ pub enum ModelMeanType {
 pub enum ModelVarType {
     /// The posterior variance beta-tilde_t.
     FixedSmall,
-    /// beta_t (posterior_variance[1] at t = 0, for a better decoder likelihood).
+    /// beta_t (`posterior_variance[1]` at t = 0, for a better decoder likelihood).
     FixedLarge,
     /// The model outputs the log variance.
     Learned,
@@ -146,7 +146,7 @@ pub struct PMeanVariance {
 /// Per-example training loss terms.
 #[derive(Debug, Clone)]
 pub struct LossTerms {
-    /// The total loss, shape [B].
+    /// The total loss, shape `[B]`.
     pub loss: Tensor,
     /// The mean-squared error term (absent for the kl losses).
     pub mse: Option<Tensor>,
@@ -216,7 +216,7 @@ impl GaussianDiffusion {
         t.iter().map(|&i| self.spaced.model_timestep(i)).collect()
     }
 
-    /// [`Self::model_timesteps`] as a tensor of shape [B] in `dtype` on `device`.
+    /// [`Self::model_timesteps`] as a tensor of shape `[B]` in `dtype` on `device`.
     pub fn model_timestep_tensor(
         &self,
         t: &[usize],
@@ -488,7 +488,7 @@ impl GaussianDiffusion {
     /// One term of the variational bound in bits per dimension, per batch element.
     ///
     /// KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, the decoder NLL at t = 0.
-    /// Returns the terms (shape [B]) and the prediction of x_0.
+    /// Returns the terms (shape `[B]`) and the prediction of x_0.
     pub fn vb_terms_bpd(
         &self,
         model_output: &Tensor,

@@ -43,9 +43,9 @@ pub enum Sampler {
 /// Terms of the full variational bound, from [`GaussianDiffusion::calc_bpd_loop`].
 #[derive(Debug, Clone)]
 pub struct BpdTerms {
-    /// Total bound in bits/dim, shape [B].
+    /// Total bound in bits/dim, shape `[B]`.
     pub total_bpd: Tensor,
-    /// The prior term, shape [B].
+    /// The prior term, shape `[B]`.
     pub prior_bpd: Tensor,
     /// vb terms, shape [B, T] (column t is timestep t).
     pub vb: Tensor,

@@ -166,7 +166,7 @@ pub struct LoadedModel {
     pub meta: CheckpointMeta,
     /// The network with the chosen weights.
     pub model: ddpm_unet::UNet,
-    /// Which weights were loaded: "model" or "ema_<rate>".
+    /// Which weights were loaded: "model" or `"ema_<rate>"`.
     pub weights: String,
 }
 

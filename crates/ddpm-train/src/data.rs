@@ -172,7 +172,7 @@ impl ImageDataset {
         Self::from_idx(images, labels, &images_path, &labels_path)
     }
 
-    /// Pairs an image array [N, H, W] with a label array [N].
+    /// Pairs an image array `[N, H, W]` with a label array `[N]`.
     pub fn from_idx(
         images: IdxArray,
         labels: IdxArray,
@@ -219,7 +219,7 @@ impl ImageDataset {
         self.labels[i]
     }
 
-    /// Images `idx` as [B, 1, H, W] f32 in [-1, 1] (x/127.5 - 1), and their labels [B] (u32).
+    /// Images `idx` as `[B, 1, H, W]` f32 in [-1, 1] (x/127.5 - 1), and their labels `[B]` (u32).
     pub fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
         let px = self.height * self.width;
         let mut x = Vec::with_capacity(idx.len() * px);

@@ -22,7 +22,7 @@ pub trait ScheduleSampler {
     }
 }
 
-/// Draws `batch` indices with probability proportional to `w`, and weights 1/(n·p[i]).
+/// Draws `batch` indices with probability proportional to `w`, and weights `1/(n·p[i])`.
 pub fn sample_from_weights<R: Rng + ?Sized>(
     w: &[f64],
     batch: usize,
@@ -76,7 +76,7 @@ impl ScheduleSampler for UniformSampler {
     }
 }
 
-/// Improved DDPM's importance sampler: p(t) ∝ sqrt(E[L_t²]) over the last losses at each step,
+/// Improved DDPM's importance sampler: `p(t) ∝ sqrt(E[L_t²])` over the last losses at each step,
 /// mixed with a small uniform probability; uniform until every step has a full history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossSecondMomentSampler {

@@ -183,8 +183,8 @@ impl UNet {
         }
     }
 
-    /// Applies the model: x [B, C, H, W], timesteps [B] (as the model sees them, 0..1000),
-    /// optional class labels [B]; `train` turns dropout on.
+    /// Applies the model: x `[B, C, H, W]`, timesteps `[B]` (as the model sees them, 0..1000),
+    /// optional class labels `[B]`; `train` turns dropout on.
     pub fn forward(
         &self,
         x: &Tensor,

@@ -4,8 +4,8 @@
 //! attention and upsampling. On the CPU with f32 they run hand-written kernels, each with its own
 //! backward pass: direct AVX-512 3×3 convolutions ([`direct`], with a bf16 variant in [`bf16`]),
 //! im2col + `gemm` for the other convolutions and for CPUs without AVX-512 ([`cpu`]), fused
-//! GroupNorm ([`norm`]) and attention ([`attention`]). Elsewhere they are compositions of plain
-//! Candle ops ([`reference`]), which also serve as the oracle in tests. Setting
+//! GroupNorm ([`norm`]) and attention ([`mod@attention`]). Elsewhere they are compositions of plain
+//! Candle ops ([`mod@reference`]), which also serve as the oracle in tests. Setting
 //! `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
 
 pub mod attention;
@@ -55,7 +55,7 @@ pub fn use_fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && !plain_forced()
 }
 
-/// 2-D convolution with bias: x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout].
+/// 2-D convolution with bias: x `[B, Cin, H, W]`, weight `[Cout, Cin, k, k]`, bias `[Cout]`.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// 2-D convolution with bias: x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout].
+/// 2-D convolution with bias: x `[B, Cin, H, W]`, weight `[Cout, Cin, k, k]`, bias `[Cout]`.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
