@@ -38,7 +38,7 @@ pub fn bf16_bits(x: f32) -> u32 {
 /// (bf16 of channel 2p, bf16 of channel 2p + 1); an odd last channel pairs with zero.
 pub fn pack_pairs(padded: &[f32], c: usize, s: usize, out: &mut Vec<u32>) {
     let pairs = c.div_ceil(2);
-    out.clear();
+    // Every word is written below: no clearing.
     out.resize(pairs * s, 0);
     for p in 0..pairs {
         let lo = &padded[2 * p * s..(2 * p + 1) * s];

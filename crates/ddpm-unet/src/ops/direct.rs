@@ -49,10 +49,13 @@ impl Grid {
         Self { h, w, wp, q, s }
     }
 
-    /// Copies one image [C, H, W] into the zero-padded layout [C, s] (borders stay zero).
+    /// Copies one image [C, H, W] into the zero-padded layout [C, s]. A buffer already of this
+    /// layout keeps its zero borders (only the interior is ever written), so it is not cleared.
     fn pad(&self, x: &[f32], c: usize, buf: &mut Vec<f32>) {
-        buf.clear();
-        buf.resize(c * self.s, 0.0);
+        if buf.len() != c * self.s {
+            buf.clear();
+            buf.resize(c * self.s, 0.0);
+        }
         for ch in 0..c {
             let src = &x[ch * self.h * self.w..(ch + 1) * self.h * self.w];
             let dst = &mut buf[ch * self.s..(ch + 1) * self.s];
@@ -101,7 +104,7 @@ fn conv_packed(
         || (Vec::new(), Vec::new(), Vec::new()),
         |(padded, outq, pairs), (i, o)| {
             g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, padded);
-            outq.clear();
+            // Every position of every channel is written by the kernels: no clearing.
             outq.resize(cout * g.q, 0.0);
             if bf16 {
                 super::bf16::pack_pairs(padded, cin, g.s, pairs);
