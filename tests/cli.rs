@@ -22,6 +22,15 @@ fn ok(out: &Output) -> String {
 }
 
 /// Fails with a clear message: non-zero exit, `error:` and the expected words, no panic.
+/// The JSON object a `--json` command printed (its one line starting with `{`).
+fn json_line(out: &str) -> serde_json::Value {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    serde_json::from_str(line).unwrap()
+}
+
 fn fails_with(out: &Output, words: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -196,11 +205,7 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
         "--json",
         "--no-progress",
     ]));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .expect("a JSON line");
-    let report: serde_json::Value = serde_json::from_str(line).unwrap();
+    let report = json_line(&out);
     let bpd = report["bpd"].as_f64().unwrap();
     assert!(bpd > 0.5 && bpd < 20.0, "{report}");
     assert_eq!(report["vb_by_quarter"].as_array().unwrap().len(), 4);
@@ -221,11 +226,7 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
         "--json",
         "--no-progress",
     ]));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .expect("a JSON line");
-    let report: serde_json::Value = serde_json::from_str(line).unwrap();
+    let report = json_line(&out);
     for side in ["samples", "real_train_images"] {
         let is = report[side]["inception_score"].as_f64().unwrap();
         assert!((1.0..=10.0).contains(&is), "{report}");

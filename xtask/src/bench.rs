@@ -211,7 +211,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         .unwrap_or(1);
     let ours = bench_ours(&opts)?;
     // The bf16 variant of the convolutions, where the CPU has AVX512-BF16.
-    let ours_bf16 = if ddpm_unet::ops::bf16::available() && ddpm_unet::ops::direct_enabled() {
+    let ours_bf16 = if ddpm_unet::ops::bf16_supported() {
         ddpm_unet::ops::set_bf16_convolutions(true);
         let f = bench_ours(&opts);
         ddpm_unet::ops::set_bf16_convolutions(false);

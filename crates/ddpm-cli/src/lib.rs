@@ -77,7 +77,7 @@ pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
 /// (a warning, and f32, elsewhere).
 pub fn set_bf16(on: bool, device: &candle_core::Device) {
     ddpm_unet::ops::set_bf16_convolutions(on);
-    if on && !(device.is_cpu() && ddpm_unet::ops::bf16_convolutions()) {
+    if on && !(device.is_cpu() && ddpm_unet::ops::bf16_supported()) {
         tracing::warn!(
             "--bf16: needs the CPU with AVX512-BF16 (and the direct convolution kernels); \
              convolutions stay f32"

@@ -57,7 +57,7 @@ fn mean(v: &[f64]) -> f64 {
 fn shared_mnist_bf16_training_follows_the_f32_loss_curve() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/mnist");
     let data = ImageDataset::load(&dir, Split::Train).unwrap();
-    if !(ddpm_unet::ops::bf16::available() && ddpm_unet::ops::direct_enabled()) {
+    if !ddpm_unet::ops::bf16_supported() {
         eprintln!("no AVX512-BF16 on this CPU: --bf16 is f32 here, nothing to compare");
         return;
     }

@@ -7,7 +7,7 @@
 
 use super::cpu::{matmul, slice};
 use super::norm::exp_fast;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// QKV attention: qkv [B, heads·3·ch, T], per head (q, k, v) → [B, heads·ch, T].
@@ -44,6 +44,12 @@ impl Attention {
     }
 }
 
+/// Head i's (q, k, v), each [ch, T] (`n` = ch·T values), from qkv laid out head by head.
+fn head(qkv: &[f32], i: usize, n: usize) -> (&[f32], &[f32], &[f32]) {
+    let h = &qkv[i * 3 * n..(i + 1) * 3 * n];
+    (&h[..n], &h[n..2 * n], &h[2 * n..])
+}
+
 impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "ddpm-attention"
@@ -56,12 +62,7 @@ impl CustomOp1 for Attention {
         out.par_chunks_mut(ch * t).enumerate().for_each_init(
             || vec![0f32; t * t],
             |p, (i, o)| {
-                let head = &qkv[i * 3 * ch * t..(i + 1) * 3 * ch * t];
-                let (q, k, v) = (
-                    &head[..ch * t],
-                    &head[ch * t..2 * ch * t],
-                    &head[2 * ch * t..],
-                );
+                let (q, k, v) = head(qkv, i, ch * t);
                 Self::weights(q, k, ch, t, p);
                 // out[c, t] = Σ_s v[c, s]·P[t, s]
                 matmul(ch, t, t, o, false, v, (t as isize, 1), p, (1, t as isize));
@@ -84,7 +85,7 @@ struct AttentionBackward {
     heads: usize,
 }
 
-impl candle_core::CustomOp2 for AttentionBackward {
+impl CustomOp2 for AttentionBackward {
     fn name(&self) -> &'static str {
         "ddpm-attention-bwd"
     }
@@ -109,12 +110,7 @@ impl candle_core::CustomOp2 for AttentionBackward {
         dqkv.par_chunks_mut(3 * ch * t).enumerate().for_each_init(
             || (vec![0f32; t * t], vec![0f32; t * t]),
             |(p, dp), (i, dh)| {
-                let head = &qkv[i * 3 * ch * t..(i + 1) * 3 * ch * t];
-                let (q, k, v) = (
-                    &head[..ch * t],
-                    &head[ch * t..2 * ch * t],
-                    &head[2 * ch * t..],
-                );
+                let (q, k, v) = head(qkv, i, ch * t);
                 let d_o = &dout[i * ch * t..(i + 1) * ch * t];
                 Attention::weights(q, k, ch, t, p);
                 let (dq, rest) = dh.split_at_mut(ch * t);

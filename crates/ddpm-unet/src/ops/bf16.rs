@@ -93,24 +93,15 @@ pub(crate) unsafe fn forward(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        let mut co = 0;
-        while co < cout {
-            let left = cout - co;
+        for (co, cb) in super::direct::channel_blocks(cout) {
             // SAFETY: forwarded from this function's contract.
             unsafe {
-                match left {
-                    8.. => kernel::block::<8>(pairs, g, npairs, wt2, cout, co, bias, outq),
-                    4.. => kernel::block::<4>(pairs, g, npairs, wt2, cout, co, bias, outq),
+                match cb {
+                    8 => kernel::block::<8>(pairs, g, npairs, wt2, cout, co, bias, outq),
+                    4 => kernel::block::<4>(pairs, g, npairs, wt2, cout, co, bias, outq),
                     _ => kernel::block::<1>(pairs, g, npairs, wt2, cout, co, bias, outq),
                 }
             }
-            co += if left >= 8 {
-                8
-            } else if left >= 4 {
-                4
-            } else {
-                1
-            };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -180,11 +171,10 @@ mod kernel {
         }
     }
 
-    /// Three tap sums (kx = 0, 1, 2) of CB consecutive output-gradient rows d[c·len..]
-    /// against one shifted input row x, 32 positions (16 bf16 pairs) per instruction.
+    /// The tap sums of CB output-gradient rows, 32 positions (16 bf16 pairs) per instruction.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
-    pub unsafe fn wgrad_rows<const CB: usize>(
+    pub unsafe fn rows<const CB: usize>(
         x: *const u16,
         d: *const u16,
         len: usize,
@@ -197,7 +187,7 @@ mod kernel {
         let mut acc = [[_mm512_setzero_ps(); 3]; CB];
         let mut q = 0;
         while q < len {
-            // SAFETY: the caller bounds q + 31 < len for d's rows and q + 33 + 2·wp for x.
+            // SAFETY: q + 31 < len within each of the CB rows of d; q + 33 < len + 2 for x.
             let xs = unsafe { [load!(x.add(q)), load!(x.add(q + 1)), load!(x.add(q + 2))] };
             for (c, a) in acc.iter_mut().enumerate() {
                 let dv = unsafe { load!(d.add(c * len + q)) };
@@ -211,59 +201,30 @@ mod kernel {
     }
 }
 
-/// dw[co, ci, tap] += Σ_q dyq[co, q]·padded[ci, q + off(tap)] in bf16 (f32 sums): the weight
-/// gradient of [`super::direct::backward_weight`] on bf16 copies of its position rows.
+/// [`super::direct::RowSums`] for bf16 rows (the bits as u16), 32 positions per step: the
+/// weight-gradient kernel of [`super::direct::backward_weight`] with `bf16`.
 ///
 /// # Safety
-/// [`available`] must be true; `len` is a multiple of 32, `padded` holds [cin, row] with
-/// row ≥ len + 2·wp + 2, `dyq` [cout, len] and `dw` [cout, cin, 9].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn weight_grad(
-    padded: &[u16],
-    row: usize,
-    dyq: &[u16],
+/// [`available`] must be true, and the RowSums contract hold (len a multiple of 32).
+pub(crate) unsafe fn row_sums(
+    x: *const u16,
+    d: *const u16,
     len: usize,
-    wp: usize,
-    cin: usize,
-    cout: usize,
-    dw: &mut [f32],
+    cb: usize,
+    sums: &mut [[f32; 3]; 8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            len.is_multiple_of(32)
-                && len + 2 * wp + 2 <= row
-                && padded.len() >= cin * row
-                && dyq.len() >= cout * len
-                && dw.len() >= cout * cin * 9
-        );
-        for ci in 0..cin {
-            let x = padded[ci * row..].as_ptr();
-            let mut co = 0;
-            while co < cout {
-                let cb = if cout - co >= 8 { 8 } else { 1 };
-                for ky in 0..3 {
-                    // SAFETY: the assert above bounds every load (rows of 32 positions from
-                    // q < len, taps up to 2·wp + 2 further).
-                    let (d, xk) = unsafe { (dyq.as_ptr().add(co * len), x.add(ky * wp)) };
-                    let mut add = |c: usize, s: [f32; 3]| {
-                        let r = &mut dw[((co + c) * cin + ci) * 9 + ky * 3..][..3];
-                        r.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-                    };
-                    if cb == 8 {
-                        let sums = unsafe { kernel::wgrad_rows::<8>(xk, d, len) };
-                        sums.into_iter().enumerate().for_each(|(c, s)| add(c, s));
-                    } else {
-                        add(0, unsafe { kernel::wgrad_rows::<1>(xk, d, len) }[0]);
-                    }
-                }
-                co += cb;
-            }
+    // SAFETY (all calls): forwarded from this function's contract.
+    unsafe {
+        match cb {
+            8 => *sums = kernel::rows::<8>(x, d, len),
+            4 => sums[..4].copy_from_slice(&kernel::rows::<4>(x, d, len)),
+            _ => sums[..1].copy_from_slice(&kernel::rows::<1>(x, d, len)),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (padded, row, dyq, len, wp, cin, cout, dw);
+        let _ = (x, d, len, cb, sums);
         unreachable!("the bf16 kernel is only dispatched when available()")
     }
 }

@@ -105,6 +105,10 @@ impl ConvGeom {
             wo,
         })
     }
+    /// Whether the direct 3×3 kernels ([`super::direct`]) take this convolution.
+    fn direct(&self) -> bool {
+        self.k == 3 && self.stride == 1 && self.pad == 1 && super::direct_enabled()
+    }
     fn kk(&self) -> usize {
         self.c_in * self.k * self.k
     }
@@ -196,13 +200,6 @@ impl ConvGeom {
                 }
             }
         }
-    }
-}
-
-impl ConvGeom {
-    /// Whether the direct 3×3 kernels ([`super::direct`]) take this convolution.
-    fn direct(&self) -> bool {
-        self.k == 3 && self.stride == 1 && self.pad == 1 && super::direct_enabled()
     }
 }
 
@@ -390,11 +387,65 @@ impl CustomOp2 for Conv2dBackwardInput {
     }
 }
 
+/// Sums `len`-long buffers over the images 0..b, one buffer per rayon thread: `add(images,
+/// buffer)` adds a contiguous range of images into its thread's buffer, then the buffers are
+/// added up.
+pub(crate) fn sum_over_images(
+    b: usize,
+    len: usize,
+    add: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let threads = rayon::current_num_threads().max(1);
+    let per = b.div_ceil(threads);
+    let partials: Vec<Vec<f32>> = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let mut buf = vec![0f32; len];
+            add(t * per..((t + 1) * per).min(b), &mut buf);
+            buf
+        })
+        .collect();
+    let mut total = vec![0f32; len];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    total
+}
+
+/// dW [Cout, K] = Σ_b dY_b · cols_bᵀ through im2col and `gemm`.
+fn weight_grad_im2col(g: &ConvGeom, dy: &[f32], x: &[f32]) -> Vec<f32> {
+    let (kk, n, co) = (g.kk(), g.n(), g.c_out);
+    let img = g.c_in * g.h * g.w;
+    sum_over_images(g.b, co * kk, |images, dw| {
+        let mut cols = vec![0f32; if g.pointwise() { 0 } else { kk * n }];
+        for b in images {
+            let xb = &x[b * img..(b + 1) * img];
+            let c: &[f32] = if g.pointwise() {
+                xb
+            } else {
+                g.im2col(xb, &mut cols);
+                &cols
+            };
+            let dyb = &dy[b * co * n..(b + 1) * co * n];
+            matmul(
+                co,
+                kk,
+                n,
+                dw,
+                true,
+                dyb,
+                (n as isize, 1),
+                c,
+                (1, n as isize),
+            );
+        }
+    })
+}
+
 /// Σ over images and positions of dY [B, C, N]: the bias gradient, per channel.
-fn bias_grad(dy: &[f32], b: usize, c: usize, n: usize) -> Vec<f32> {
+fn bias_grad(dy: &[f32], c: usize, n: usize) -> Vec<f32> {
     let per_image: Vec<Vec<f64>> = dy
         .par_chunks(c * n)
-        .take(b)
         .map(|img| {
             img.chunks(n)
                 .map(|row| {
@@ -441,53 +492,12 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let (gd, xd) = (l1.dims(), l2.dims());
         let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
-        let (kk, n, co) = (g.kk(), g.n(), g.c_out);
-        let db = bias_grad(dy, g.b, co, n);
-        if self.direct && g.direct() {
-            let mut dw =
-                super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), co, self.bf16);
-            dw.extend_from_slice(&db);
-            let len = dw.len();
-            return Ok((CpuStorage::F32(dw), Shape::from(len)));
-        }
-        let img = g.c_in * g.h * g.w;
-        let threads = rayon::current_num_threads().max(1);
-        let per = g.b.div_ceil(threads);
-        // Each thread sums its images' dY_b · cols_bᵀ into its own buffer; then one reduction.
-        let partials: Vec<Vec<f32>> = (0..threads)
-            .into_par_iter()
-            .map(|t| {
-                let mut dw = vec![0f32; co * kk];
-                let mut cols = vec![0f32; if g.pointwise() { 0 } else { kk * n }];
-                for b in t * per..((t + 1) * per).min(g.b) {
-                    let xb = &x[b * img..(b + 1) * img];
-                    let c: &[f32] = if g.pointwise() {
-                        xb
-                    } else {
-                        g.im2col(xb, &mut cols);
-                        &cols
-                    };
-                    let dyb = &dy[b * co * n..(b + 1) * co * n];
-                    matmul(
-                        co,
-                        kk,
-                        n,
-                        &mut dw,
-                        true,
-                        dyb,
-                        (n as isize, 1),
-                        c,
-                        (1, n as isize),
-                    );
-                }
-                dw
-            })
-            .collect();
-        let mut dw = vec![0f32; co * kk];
-        for p in partials {
-            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
-        dw.extend_from_slice(&db);
+        let mut dw = if self.direct && g.direct() {
+            super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.bf16)
+        } else {
+            weight_grad_im2col(&g, dy, x)
+        };
+        dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));
         let len = dw.len();
         Ok((CpuStorage::F32(dw), Shape::from(len)))
     }

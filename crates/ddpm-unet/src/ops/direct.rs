@@ -56,13 +56,25 @@ impl Grid {
             buf.clear();
             buf.resize(c * self.s, 0.0);
         }
+        let hw = self.h * self.w;
         for ch in 0..c {
-            let src = &x[ch * self.h * self.w..(ch + 1) * self.h * self.w];
-            let dst = &mut buf[ch * self.s..(ch + 1) * self.s];
-            for y in 0..self.h {
-                let o = (y + 1) * self.wp + 1;
-                dst[o..o + self.w].copy_from_slice(&src[y * self.w..(y + 1) * self.w]);
-            }
+            self.put_padded(&x[ch * hw..(ch + 1) * hw], &mut buf[ch * self.s..]);
+        }
+    }
+
+    /// Writes one channel [H, W] inside the zero border of a padded image starting at dst[0]
+    /// (row y at (y + 1)·(W+2) + 1).
+    fn put_padded(&self, src: &[f32], dst: &mut [f32]) {
+        for (y, r) in src.chunks_exact(self.w).enumerate() {
+            let o = (y + 1) * self.wp + 1;
+            dst[o..o + self.w].copy_from_slice(r);
+        }
+    }
+
+    /// Writes one channel [H, W] onto the position grid starting at dst[0] (row y at y·(W+2)).
+    fn put_rows(&self, src: &[f32], dst: &mut [f32]) {
+        for (y, r) in src.chunks_exact(self.w).enumerate() {
+            dst[y * self.wp..y * self.wp + self.w].copy_from_slice(r);
         }
     }
 
@@ -185,76 +197,124 @@ pub fn backward_weight(
     // re-read for every input channel, is sized to stay in L2.
     let stride = (h + 1) * g.wp;
     let chunk = (384 * 1024 / (cout * stride * 4)).clamp(1, 16);
-    let threads = rayon::current_num_threads().max(1);
-    let per = b.div_ceil(threads);
-    let partials: Vec<Vec<f32>> = (0..threads)
-        .into_par_iter()
-        .map(|t| {
-            let mut dw = vec![0f32; cout * cin * 9];
-            let (mut padded, mut dyq) = (Vec::new(), Vec::new());
-            let (mut padded16, mut dyq16) = (Vec::new(), Vec::new());
-            let (first, end) = (t * per, ((t + 1) * per).min(b));
-            let mut i0 = first;
-            while i0 < end {
-                let n = chunk.min(end - i0);
-                // Rows of n images' positions (a whole number of vectors), plus room for the
-                // furthest tap of the last vector.
-                let len = (n * stride).div_ceil(step) * step;
-                let row = len + 2 * g.wp + 2;
-                padded.clear();
-                padded.resize(cin * row, 0.0);
-                dyq.clear();
-                dyq.resize(cout * len, 0.0);
-                for j in 0..n {
-                    let img = i0 + j;
-                    let xi = &x[img * cin * h * w..(img + 1) * cin * h * w];
-                    let di = &dy[img * cout * h * w..(img + 1) * cout * h * w];
-                    for c in 0..cin {
-                        let dst = &mut padded[c * row + j * stride..];
-                        for y in 0..h {
-                            let o = (y + 1) * g.wp + 1;
-                            dst[o..o + w].copy_from_slice(&xi[(c * h + y) * w..][..w]);
-                        }
-                    }
-                    for c in 0..cout {
-                        let dst = &mut dyq[c * len + j * stride..];
-                        for y in 0..h {
-                            dst[y * g.wp..y * g.wp + w]
-                                .copy_from_slice(&di[(c * h + y) * w..][..w]);
-                        }
-                    }
+    super::cpu::sum_over_images(b, cout * cin * 9, |images, dw| {
+        let (mut padded, mut dyq) = (Vec::new(), Vec::new());
+        let (mut padded16, mut dyq16) = (Vec::new(), Vec::new());
+        let hw = h * w;
+        let mut i0 = images.start;
+        while i0 < images.end {
+            let n = chunk.min(images.end - i0);
+            // Rows of n images' positions (a whole number of vectors), plus room for the
+            // furthest tap of the last vector.
+            let len = (n * stride).div_ceil(step) * step;
+            let row = len + 2 * g.wp + 2;
+            padded.clear();
+            padded.resize(cin * row, 0.0);
+            dyq.clear();
+            dyq.resize(cout * len, 0.0);
+            for j in 0..n {
+                let img = i0 + j;
+                for c in 0..cin {
+                    let src = &x[(img * cin + c) * hw..][..hw];
+                    g.put_padded(src, &mut padded[c * row + j * stride..]);
                 }
-                if bf16 {
-                    let to16 = |src: &[f32], dst: &mut Vec<u16>| {
-                        dst.clear();
-                        dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
-                    };
-                    to16(&padded, &mut padded16);
-                    to16(&dyq, &mut dyq16);
-                    // SAFETY: AVX512-BF16 is available; len is a multiple of 32 and the rows
-                    // are as the kernel requires.
-                    unsafe {
-                        super::bf16::weight_grad(
-                            &padded16, row, &dyq16, len, g.wp, cin, cout, &mut dw,
-                        )
-                    };
-                } else {
-                    // SAFETY: `available()` was checked by the caller; loads stay inside
-                    // `padded` ([cin, row]) and `dyq` ([cout, len]), stores inside `dw`.
-                    unsafe {
-                        kernels::weight_grad(&padded, row, &dyq, len, &g, cin, cout, &mut dw)
-                    };
+                for c in 0..cout {
+                    let src = &dy[(img * cout + c) * hw..][..hw];
+                    g.put_rows(src, &mut dyq[c * len + j * stride..]);
                 }
-                i0 += n;
             }
-            dw
-        })
-        .collect();
-    let mut dw = vec![0f32; cout * cin * 9];
-    for p in partials {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            if bf16 {
+                let to16 = |src: &[f32], dst: &mut Vec<u16>| {
+                    dst.clear();
+                    dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
+                };
+                to16(&padded, &mut padded16);
+                to16(&dyq, &mut dyq16);
+                let rows = super::bf16::row_sums;
+                // SAFETY: AVX512-BF16 is available (checked above).
+                unsafe {
+                    weight_grad(&padded16, row, &dyq16, len, step, g.wp, cin, cout, dw, rows)
+                };
+            } else {
+                let rows = kernels::row_sums;
+                // SAFETY: `available()` was checked by the caller.
+                unsafe { weight_grad(&padded, row, &dyq, len, step, g.wp, cin, cout, dw, rows) };
+            }
+            i0 += n;
+        }
+    })
+}
+
+/// Output channels in the blocks the kernels have instances for: 8 while at least 8 are left,
+/// then 4, then one at a time, as (first channel, block size).
+pub(crate) fn channel_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut co = 0;
+    std::iter::from_fn(move || {
+        let cb = match n - co {
+            0 => return None,
+            8.. => 8,
+            4.. => 4,
+            _ => 1,
+        };
+        co += cb;
+        Some((co - cb, cb))
+    })
+}
+
+/// A weight-gradient kernel: into sums[c] (c < cb, cb one of 8, 4, 1), the three tap sums
+/// Σ_q d[c·len + q]·x[q + kx] (kx = 0, 1, 2) for q < len. It reads d[c·len..c·len + len] and
+/// x[..len + 2].
+pub(crate) type RowSums<T> = unsafe fn(*const T, *const T, usize, usize, &mut [[f32; 3]; 8]);
+
+/// dw[co, ci, tap] += Σ_q dyq[co, q]·padded[ci, q + ky·wp + kx] over q < len, one kernel row
+/// of taps per call to `rows` (f32 or bf16 elements T).
+///
+/// # Safety
+/// `rows` must be able to run on this CPU. The bounds it relies on are checked here.
+#[allow(clippy::too_many_arguments)]
+unsafe fn weight_grad<T>(
+    padded: &[T],
+    row: usize,
+    dyq: &[T],
+    len: usize,
+    step: usize,
+    wp: usize,
+    cin: usize,
+    cout: usize,
+    dw: &mut [f32],
+    rows: RowSums<T>,
+) {
+    assert!(
+        len.is_multiple_of(step)
+            && len + 2 * wp + 2 <= row
+            && padded.len() >= cin * row
+            && dyq.len() >= cout * len
+            && dw.len() >= cout * cin * 9
+    );
+    let mut sums = [[0f32; 3]; 8];
+    // Input channel outermost: its row stays in L1 while every output channel passes.
+    for ci in 0..cin {
+        let x = padded[ci * row..].as_ptr();
+        for (co, cb) in channel_blocks(cout) {
+            for ky in 0..3 {
+                // SAFETY: the assert bounds the kernel's reads: rows co..co + cb of dyq hold
+                // len values each, and x from ci·row + ky·wp reaches len + 2 within the row.
+                unsafe {
+                    rows(
+                        x.add(ky * wp),
+                        dyq.as_ptr().add(co * len),
+                        len,
+                        cb,
+                        &mut sums,
+                    )
+                };
+                for (c, s) in sums[..cb].iter().enumerate() {
+                    let r = &mut dw[((co + c) * cin + ci) * 9 + ky * 3..][..3];
+                    r.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
     }
-    dw
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -274,24 +334,15 @@ mod kernels {
         bias: Option<&[f32]>,
         outq: &mut [f32],
     ) {
-        let mut co = 0;
-        while co < cout {
-            let left = cout - co;
+        for (co, cb) in super::channel_blocks(cout) {
             // SAFETY (all calls): forwarded from this function's contract.
             unsafe {
-                match left {
-                    8.. => block::<8, QV>(padded, g, cin, wt, cout, co, bias, outq),
-                    4.. => block::<4, QV>(padded, g, cin, wt, cout, co, bias, outq),
+                match cb {
+                    8 => block::<8, QV>(padded, g, cin, wt, cout, co, bias, outq),
+                    4 => block::<4, QV>(padded, g, cin, wt, cout, co, bias, outq),
                     _ => block::<1, QV>(padded, g, cin, wt, cout, co, bias, outq),
                 }
             }
-            co += if left >= 8 {
-                8
-            } else if left >= 4 {
-                4
-            } else {
-                1
-            };
         }
     }
 
@@ -342,209 +393,45 @@ mod kernels {
         }
     }
 
-    /// dw[co, ci, tap] += Σ_q dyq[co, q] · padded[ci, q + off(tap)] over q < len; padded
-    /// rows are `row` long, dyq rows `len` (a multiple of 16).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    pub unsafe fn weight_grad(
-        padded: &[f32],
-        row: usize,
-        dyq: &[f32],
+    /// [`super::RowSums`] for f32: 16 positions per step.
+    pub unsafe fn row_sums(
+        x: *const f32,
+        d: *const f32,
         len: usize,
-        g: &Grid,
-        cin: usize,
-        cout: usize,
-        dw: &mut [f32],
+        cb: usize,
+        sums: &mut [[f32; 3]; 8],
     ) {
-        assert!(len.is_multiple_of(LANES) && len + 2 * g.wp + 2 <= row && dyq.len() >= cout * len);
-        // Input channel outermost: its row stays in L1 while every output channel passes.
-        for ci in 0..cin {
-            let x = &padded[ci * row..(ci + 1) * row];
-            let mut co = 0;
-            // Eight output channels at a time, one kernel row (three taps) per pass: 24
-            // accumulators share each input vector, 11 loads per 24 FMAs.
-            while cout - co >= 8 {
-                for ky in 0..3 {
-                    // SAFETY: the assert above bounds every load (see `wgrad_row8`).
-                    let sums = unsafe {
-                        wgrad_row8(x.as_ptr().add(ky * g.wp), dyq.as_ptr().add(co * len), len)
-                    };
-                    for (c, s3) in sums.iter().enumerate() {
-                        let r = &mut dw[((co + c) * cin + ci) * 9 + ky * 3..][..3];
-                        r.iter_mut().zip(s3).for_each(|(a, b)| *a += b);
-                    }
-                }
-                co += 8;
-            }
-            while co < cout {
-                let pair = cout - co >= 2;
-                let d1 = if pair { co + 1 } else { co };
-                // SAFETY: the assert above bounds every load (see `wgrad_pair`).
-                let sums = unsafe {
-                    wgrad_pair(
-                        x.as_ptr(),
-                        dyq.as_ptr().add(co * len),
-                        dyq.as_ptr().add(d1 * len),
-                        len,
-                        g.wp,
-                    )
-                };
-                dw[(co * cin + ci) * 9..][..9]
-                    .iter_mut()
-                    .zip(&sums[0])
-                    .for_each(|(a, b)| *a += b);
-                if pair {
-                    dw[(d1 * cin + ci) * 9..][..9]
-                        .iter_mut()
-                        .zip(&sums[1])
-                        .for_each(|(a, b)| *a += b);
-                }
-                co += if pair { 2 } else { 1 };
+        // SAFETY (all calls): forwarded from the RowSums contract.
+        unsafe {
+            match cb {
+                8 => *sums = rows::<8>(x, d, len),
+                4 => sums[..4].copy_from_slice(&rows::<4>(x, d, len)),
+                _ => sums[..1].copy_from_slice(&rows::<1>(x, d, len)),
             }
         }
     }
 
-    /// Three tap sums (kx = 0, 1, 2) of eight consecutive output-gradient rows d[c·len..]
-    /// against one shifted input row x: Σ_q d_c[q]·x[q + kx].
+    /// The tap sums of CB output-gradient rows: 3·CB accumulators share each input vector
+    /// (for CB = 8: 11 loads per 24 FMAs).
     // Out of line, and with AVX512-VL so that the registers above 15 take the zeroing idiom:
     // otherwise LLVM spills a third of the 24 accumulators.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512vl")]
-    unsafe fn wgrad_row8(x: *const f32, d: *const f32, len: usize) -> [[f32; 3]; 8] {
-        let z = _mm512_setzero_ps();
-        let mut acc = [z; 24];
-        let (
-            mut a0,
-            mut a1,
-            mut a2,
-            mut a3,
-            mut a4,
-            mut a5,
-            mut a6,
-            mut a7,
-            mut a8,
-            mut a9,
-            mut a10,
-            mut a11,
-            mut a12,
-            mut a13,
-            mut a14,
-            mut a15,
-            mut a16,
-            mut a17,
-            mut a18,
-            mut a19,
-            mut a20,
-            mut a21,
-            mut a22,
-            mut a23,
-        ) = (
-            z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z,
-        );
+    unsafe fn rows<const CB: usize>(x: *const f32, d: *const f32, len: usize) -> [[f32; 3]; CB] {
+        let mut acc = [[_mm512_setzero_ps(); 3]; CB];
         let mut q = 0;
         while q < len {
-            // SAFETY: q + 15 < len within each of the eight rows of d; q + 17 stays inside x
-            // (the caller's row covers len + 2·wp + 2).
-            unsafe {
-                let (x0, x1, x2) = (
-                    _mm512_loadu_ps(x.add(q)),
-                    _mm512_loadu_ps(x.add(q + 1)),
-                    _mm512_loadu_ps(x.add(q + 2)),
-                );
-                macro_rules! out {
-                    ($c:expr, $p:ident, $r:ident, $s:ident) => {
-                        let dv = _mm512_loadu_ps(d.add($c * len + q));
-                        $p = _mm512_fmadd_ps(dv, x0, $p);
-                        $r = _mm512_fmadd_ps(dv, x1, $r);
-                        $s = _mm512_fmadd_ps(dv, x2, $s);
-                    };
+            // SAFETY: q + 15 < len within each of the CB rows of d; q + 17 < len + 2 for x.
+            let xs = unsafe { [0, 1, 2].map(|k| _mm512_loadu_ps(x.add(q + k))) };
+            for (c, a) in acc.iter_mut().enumerate() {
+                let dv = unsafe { _mm512_loadu_ps(d.add(c * len + q)) };
+                for k in 0..3 {
+                    a[k] = _mm512_fmadd_ps(dv, xs[k], a[k]);
                 }
-                out!(0, a0, a1, a2);
-                out!(1, a3, a4, a5);
-                out!(2, a6, a7, a8);
-                out!(3, a9, a10, a11);
-                out!(4, a12, a13, a14);
-                out!(5, a15, a16, a17);
-                out!(6, a18, a19, a20);
-                out!(7, a21, a22, a23);
             }
             q += LANES;
         }
-        acc.copy_from_slice(&[
-            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18,
-            a19, a20, a21, a22, a23,
-        ]);
-        std::array::from_fn(|c| std::array::from_fn(|k| _mm512_reduce_add_ps(acc[c * 3 + k])))
-    }
-
-    /// The nine tap sums of two output channels (d0, d1) against one input row x:
-    /// Σ_q d[q]·x[q + ky·wp + kx]. Eighteen accumulators, written out so that they stay in
-    /// registers; the three tap rows are base pointers with immediate offsets.
-    #[inline(never)]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    unsafe fn wgrad_pair(
-        x: *const f32,
-        d0: *const f32,
-        d1: *const f32,
-        len: usize,
-        wp: usize,
-    ) -> [[f32; 9]; 2] {
-        let z = _mm512_setzero_ps();
-        let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7, mut a8) =
-            (z, z, z, z, z, z, z, z, z);
-        let (mut b0, mut b1, mut b2, mut b3, mut b4, mut b5, mut b6, mut b7, mut b8) =
-            (z, z, z, z, z, z, z, z, z);
-        let mut q = 0;
-        while q < len {
-            // SAFETY: q + 15 < len for d0/d1; q + 15 + 2·wp + 2 < row for x (caller's assert).
-            unsafe {
-                let (u, v) = (_mm512_loadu_ps(d0.add(q)), _mm512_loadu_ps(d1.add(q)));
-                let r0 = x.add(q);
-                let (r1, r2) = (r0.add(wp), r0.add(2 * wp));
-                macro_rules! tap {
-                    ($p:expr, $a:ident, $b:ident) => {
-                        let xv = _mm512_loadu_ps($p);
-                        $a = _mm512_fmadd_ps(u, xv, $a);
-                        $b = _mm512_fmadd_ps(v, xv, $b);
-                    };
-                }
-                tap!(r0, a0, b0);
-                tap!(r0.add(1), a1, b1);
-                tap!(r0.add(2), a2, b2);
-                tap!(r1, a3, b3);
-                tap!(r1.add(1), a4, b4);
-                tap!(r1.add(2), a5, b5);
-                tap!(r2, a6, b6);
-                tap!(r2.add(1), a7, b7);
-                tap!(r2.add(2), a8, b8);
-            }
-            q += LANES;
-        }
-        let r = |v| _mm512_reduce_add_ps(v);
-        [
-            [
-                r(a0),
-                r(a1),
-                r(a2),
-                r(a3),
-                r(a4),
-                r(a5),
-                r(a6),
-                r(a7),
-                r(a8),
-            ],
-            [
-                r(b0),
-                r(b1),
-                r(b2),
-                r(b3),
-                r(b4),
-                r(b5),
-                r(b6),
-                r(b7),
-                r(b8),
-            ],
-        ]
+        acc.map(|a| a.map(|v| _mm512_reduce_add_ps(v)))
     }
 }
 
@@ -565,16 +452,12 @@ mod kernels {
         unreachable!("direct kernels are only dispatched when available()")
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn weight_grad(
-        _: &[f32],
-        _: usize,
-        _: &[f32],
-        _: usize,
-        _: &Grid,
+    pub unsafe fn row_sums(
+        _: *const f32,
+        _: *const f32,
         _: usize,
         _: usize,
-        _: &mut [f32],
+        _: &mut [[f32; 3]; 8],
     ) {
         unreachable!("direct kernels are only dispatched when available()")
     }

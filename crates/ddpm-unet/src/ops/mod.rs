@@ -30,24 +30,30 @@ pub fn set_bf16_convolutions(on: bool) {
 
 /// Whether convolutions created now take the bf16 kernels (asked for and supported).
 pub fn bf16_convolutions() -> bool {
-    BF16_CONVOLUTIONS.load(Ordering::Relaxed) && bf16::available() && direct_enabled()
+    BF16_CONVOLUTIONS.load(Ordering::Relaxed) && bf16_supported()
+}
+
+/// Whether this CPU and configuration can take the bf16 kernels at all: AVX512-BF16, and the
+/// direct kernels they belong to enabled.
+pub fn bf16_supported() -> bool {
+    bf16::available() && direct_enabled()
+}
+
+/// Whether the environment variable `name` is set to something other than empty or "0".
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v != "0" && !v.is_empty())
 }
 
 fn plain_forced() -> bool {
     static PLAIN: OnceLock<bool> = OnceLock::new();
-    *PLAIN.get_or_init(|| {
-        std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty())
-    })
+    *PLAIN.get_or_init(|| env_flag("DDPM_PLAIN_OPS"))
 }
 
 /// Whether 3×3 convolutions use the direct AVX-512 kernels: when the CPU has AVX-512 and
 /// `DDPM_NO_DIRECT_CONV` is not set (it selects the im2col + GEMM kernels instead).
 pub fn direct_enabled() -> bool {
     static DIRECT: OnceLock<bool> = OnceLock::new();
-    *DIRECT.get_or_init(|| {
-        direct::available()
-            && !std::env::var_os("DDPM_NO_DIRECT_CONV").is_some_and(|v| v != "0" && !v.is_empty())
-    })
+    *DIRECT.get_or_init(|| direct::available() && !env_flag("DDPM_NO_DIRECT_CONV"))
 }
 
 /// Whether the fast CPU kernels handle tensors like `x`.

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 /// Fused GroupNorm (+ scale-shift) (+ SiLU). `params` packs [gamma; beta] and, when present,
 /// [scale; shift] per batch element: [2C + B·2C].
+#[derive(Clone, Copy)]
 struct GroupNorm {
     groups: usize,
     eps: f64,
@@ -302,21 +303,11 @@ impl CustomOp2 for GroupNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(
-            params,
-            &grad.contiguous()?,
-            &GroupNormBackward(GroupNorm { ..*self }),
-        )?;
+        let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormBackward(*self))?;
         let nx = x.elem_count();
         let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dp = packed.narrow(0, nx, params.elem_count())?;
         Ok((Some(dx), Some(dp)))
-    }
-}
-
-impl Clone for GroupNorm {
-    fn clone(&self) -> Self {
-        Self { ..*self }
     }
 }
 

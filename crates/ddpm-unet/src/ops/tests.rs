@@ -72,8 +72,8 @@ fn run(
 fn conv2d_matches_candle_forward_and_backward() {
     // (batch, c_in, c_out, height, width, kernel, stride, padding). The 3×3 stride-1 cases take
     // the direct kernels where the CPU has AVX-512 and are also run through im2col + GEMM:
-    // c_out 17 and 5 exercise the 8-, 4- and 1-channel blocks, 28×28, 14×14 and 7×7 both
-    // position-block widths, 6×11 a rectangle.
+    // c_out 17 and 5 exercise the 8-, 4- and 1-channel blocks; 14×14 fills whole blocks of
+    // positions, 28×28 and 7×7 end in a partial one; 6×11 is a rectangle.
     for &(b, ci, co, h, w, k, stride, pad) in &[
         (2, 3, 5, 7, 7, 3, 1, 1),
         (2, 5, 17, 28, 28, 3, 1, 1),
@@ -199,7 +199,7 @@ fn bf16_rounding_is_nearest_even() {
 
 #[test]
 fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
-    if !super::bf16::available() || !super::direct_enabled() {
+    if !super::bf16_supported() {
         eprintln!("no AVX512-BF16 here: the bf16 kernels are not used, nothing to test");
         return;
     }
@@ -211,7 +211,7 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
         let got = cpu::conv2d_with(&x, &wt, &bias, 1, 1, true, true).unwrap();
         let want = reference::conv2d(&to_bf16(&x), &to_bf16(&wt), &bias, 1, 1).unwrap();
         close(&got, &want, 1e-5, &format!("bf16 conv {ci}->{co} {h}x{w}"));
-        // Far from the unrounded f32 result, as bf16 should be, but within its precision.
+        // Within bf16's precision of the unrounded f32 result.
         let exact = reference::conv2d(&x, &wt, &bias, 1, 1).unwrap();
         close(&got, &exact, 3e-2, "bf16 conv against f32");
         // The input gradient goes through the same kernel with the transposed weights.
