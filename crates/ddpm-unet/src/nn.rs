@@ -113,9 +113,7 @@ impl Conv1x1 {
 
     /// Applies the layer to [B, C, T].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.squeeze(2)?;
-        w.broadcast_matmul(x)?
-            .broadcast_add(&self.bias.unsqueeze(1)?)
+        ops::conv1x1(x, &self.weight, &self.bias)
     }
 }
 

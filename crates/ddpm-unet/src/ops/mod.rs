@@ -76,6 +76,18 @@ pub fn conv2d(
     }
 }
 
+/// Pointwise convolution on sequences: x `[B, Cin, T]`, weight `[Cout, Cin, 1]`, bias `[Cout]`.
+pub fn conv1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if use_fast_path(x) {
+        // The 2-D kernel on [B, Cin, T, 1]: one GEMM per image, and packed weight and bias
+        // gradients instead of reductions over broadcast dimensions.
+        let (b, c, t) = x.dims3()?;
+        cpu::conv2d(&x.reshape((b, c, t, 1))?, &weight.unsqueeze(3)?, bias, 1, 0)?.squeeze(3)
+    } else {
+        reference::conv1x1(x, weight, bias)
+    }
+}
+
 /// GroupNorm over `groups` of x [B, C, ...], then `h·(1 + scale) + shift` when given
 /// (scale and shift [B, C]), then SiLU when `silu`.
 pub fn group_norm(

@@ -15,6 +15,14 @@ pub fn conv2d(
     y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
 }
 
+/// Pointwise convolution on sequences: x `[B, Cin, T]`, weight `[Cout, Cin, 1]`, bias `[Cout]`.
+pub fn conv1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    weight
+        .squeeze(2)?
+        .broadcast_matmul(x)?
+        .broadcast_add(&bias.unsqueeze(1)?)
+}
+
 /// GroupNorm over `groups` of x [B, C, ...], then `h·(1 + scale) + shift` when given
 /// (scale and shift [B, C]), then SiLU when `silu`. Statistics use f32 for half types.
 pub fn group_norm(

@@ -105,6 +105,26 @@ fn conv2d_matches_candle_forward_and_backward() {
 }
 
 #[test]
+fn conv1x1_matches_candle_forward_and_backward() {
+    // Attention's qkv and proj_out shapes, small: [B, C, T] with T = 7×7.
+    let inputs = [
+        rand(&[3, 8, 49], 21),
+        rand(&[24, 8, 1], 22),
+        rand(&[24], 23),
+    ];
+    let (o1, g1) = run(&inputs, 24, |t| {
+        super::conv1x1(&t[0], &t[1], &t[2]).unwrap()
+    });
+    let (o2, g2) = run(&inputs, 24, |t| {
+        reference::conv1x1(&t[0], &t[1], &t[2]).unwrap()
+    });
+    close(&o1, &o2, 1e-5, "conv1x1 output");
+    for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
+        close(&g1[i], &g2[i], 1e-4, &format!("conv1x1 {name}"));
+    }
+}
+
+#[test]
 fn group_norm_matches_candle_in_every_variant() {
     let (b, c, h) = (3, 64, 5);
     for (ss, silu) in [(false, false), (false, true), (true, true), (true, false)] {
