@@ -239,7 +239,8 @@ impl CustomOp3 for Conv2d {
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
         let img = g.c_in * g.h * g.w;
-        let mut out = vec![0f32; g.b * co * n];
+        // Each row is filled with its bias before the GEMM adds to it.
+        let mut out = super::output_buffer(g.b * co * n);
         out.par_chunks_mut(co * n).enumerate().for_each_init(
             || vec![0f32; if g.pointwise() { 0 } else { kk * n }],
             |cols, (b, o)| {
@@ -349,7 +350,12 @@ impl CustomOp2 for Conv2dBackwardInput {
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         let img = g.c_in * g.h * g.w;
-        let mut dx = vec![0f32; g.b * img];
+        // A pointwise GEMM overwrites its whole output; col2im adds into a cleared one.
+        let mut dx = if g.pointwise() {
+            super::output_buffer(g.b * img)
+        } else {
+            vec![0f32; g.b * img]
+        };
         dx.par_chunks_mut(img).enumerate().for_each_init(
             || vec![0f32; if g.pointwise() { 0 } else { kk * n }],
             |cols, (b, dxb)| {
@@ -558,7 +564,8 @@ impl CustomOp1 for Upsample2x {
         let &[b, c, h, w] = l.dims() else {
             bail!("upsample: expected [B, C, H, W]")
         };
-        let mut out = vec![0f32; b * c * 4 * h * w];
+        // Every output position is written.
+        let mut out = super::output_buffer(b * c * 4 * h * w);
         out.par_chunks_mut(4 * h * w)
             .zip(x.par_chunks(h * w))
             .for_each(|(o, xi)| {

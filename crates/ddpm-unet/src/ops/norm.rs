@@ -281,7 +281,8 @@ impl CustomOp2 for GroupNorm {
         );
         let d = self.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
-        let mut out = vec![0f32; x.len()];
+        // forward_group writes every element of its group.
+        let mut out = super::output_buffer(x.len());
         out.par_chunks_mut(gsize)
             .zip(x.par_chunks(gsize))
             .enumerate()
@@ -336,7 +337,8 @@ impl CustomOp3 for GroupNormBackward {
         );
         let d = op.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
-        let mut dx = vec![0f32; x.len()];
+        // backward_group's first pass writes every element of its group.
+        let mut dx = super::output_buffer(x.len());
         // Per group: partial d(gamma), d(beta) for its channels, and d(scale), d(shift).
         let mut partial = vec![0f32; d.b * op.groups * 4 * d.cg];
         dx.par_chunks_mut(gsize)
