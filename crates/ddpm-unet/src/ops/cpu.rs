@@ -252,8 +252,12 @@ impl CustomOp3 for Conv2d {
                     cols
                 };
                 for (c, row) in o.chunks_mut(n).enumerate() {
-                    row.fill(bias[c]);
+                    row.iter_mut().for_each(|v| {
+                        v.write(bias[c]);
+                    });
                 }
+                // SAFETY: every row was just filled.
+                let o = unsafe { super::assume_init_mut(o) };
                 matmul(
                     co,
                     n,
@@ -267,6 +271,8 @@ impl CustomOp3 for Conv2d {
                 );
             },
         );
+        // SAFETY: every row of every image was filled above.
+        let out = unsafe { super::assume_init(out) };
         Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))))
     }
 
@@ -350,12 +356,7 @@ impl CustomOp2 for Conv2dBackwardInput {
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         let img = g.c_in * g.h * g.w;
-        // A pointwise GEMM overwrites its whole output; col2im adds into a cleared one.
-        let mut dx = if g.pointwise() {
-            super::output_buffer(g.b * img)
-        } else {
-            vec![0f32; g.b * img]
-        };
+        let mut dx = vec![0f32; g.b * img];
         dx.par_chunks_mut(img).enumerate().for_each_init(
             || vec![0f32; if g.pointwise() { 0 } else { kk * n }],
             |cols, (b, dxb)| {
@@ -572,10 +573,12 @@ impl CustomOp1 for Upsample2x {
                 for y in 0..2 * h {
                     let src = &xi[(y / 2) * w..(y / 2 + 1) * w];
                     for (xx, v) in o[y * 2 * w..(y + 1) * 2 * w].iter_mut().enumerate() {
-                        *v = src[xx / 2];
+                        v.write(src[xx / 2]);
                     }
                 }
             });
+        // SAFETY: every output position was written.
+        let out = unsafe { super::assume_init(out) };
         Ok((CpuStorage::F32(out), Shape::from((b, c, 2 * h, 2 * w))))
     }
 

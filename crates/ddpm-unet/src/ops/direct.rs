@@ -9,6 +9,7 @@
 //! kernel; the weight gradient reduces over positions with one accumulator per tap.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Whether this CPU runs these kernels (checked once).
 pub fn available() -> bool {
@@ -79,13 +80,19 @@ impl Grid {
     }
 
     /// Drops the padding columns: [C, q] back to [C, H, W].
-    fn drop_padding(&self, q: &[f32], c: usize, out: &mut [f32]) {
+    /// Every element of `out` ([C, H, W]) is written.
+    fn drop_padding(&self, q: &[f32], c: usize, out: &mut [MaybeUninit<f32>]) {
         for ch in 0..c {
             let src = &q[ch * self.q..(ch + 1) * self.q];
             let dst = &mut out[ch * self.h * self.w..(ch + 1) * self.h * self.w];
             for y in 0..self.h {
-                dst[y * self.w..(y + 1) * self.w]
-                    .copy_from_slice(&src[y * self.wp..y * self.wp + self.w]);
+                let (d, s) = (
+                    &mut dst[y * self.w..(y + 1) * self.w],
+                    &src[y * self.wp..y * self.wp + self.w],
+                );
+                for (d, &s) in d.iter_mut().zip(s) {
+                    d.write(s);
+                }
             }
         }
     }
@@ -111,7 +118,6 @@ fn conv_packed(
     } else {
         Vec::new()
     };
-    // drop_padding writes every element of every image.
     let mut out = super::output_buffer(b * cout * h * w);
     out.par_chunks_mut(cout * h * w).enumerate().for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
@@ -133,7 +139,8 @@ fn conv_packed(
             g.drop_padding(outq, cout, o);
         },
     );
-    out
+    // SAFETY: drop_padding wrote every element of every image.
+    unsafe { super::assume_init(out) }
 }
 
 /// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3];

@@ -14,8 +14,11 @@ pub mod cpu;
 pub mod direct;
 pub mod norm;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 use candle_core::{DType, Result, Tensor};
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -39,15 +42,34 @@ pub fn bf16_supported() -> bool {
     bf16::available() && direct_enabled()
 }
 
-/// An f32 buffer of length `n` for an output that the caller overwrites in full before anything
-/// reads it. `vec![0.0; n]` would memset it first: on activations of tens of MB, that write
-/// (and the cache lines it evicts) cost a few percent of a training step.
-pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
+/// An uninitialised buffer of `n` f32 for an output that a kernel writes in full; see
+/// [`assume_init`]. `vec![0.0; n]` would memset it first: on activations of tens of MB, that
+/// write (and the cache lines it evicts) cost a few percent of a training step.
+pub(crate) fn output_buffer(n: usize) -> Vec<MaybeUninit<f32>> {
     let mut v = Vec::with_capacity(n);
-    // SAFETY: f32 has no invalid bit patterns, and every caller writes all `n` elements before
-    // reading any (the same contract as Candle's `alloc_uninit`, which does exactly this).
+    // SAFETY: MaybeUninit needs no initialisation.
     unsafe { v.set_len(n) };
     v
+}
+
+/// The buffer as plain floats.
+///
+/// # Safety
+/// Every element must have been written.
+pub(crate) unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, length and capacity; MaybeUninit<f32> has f32's layout, and the
+    // caller guarantees every element is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// A fully written part of an output buffer, as plain floats.
+///
+/// # Safety
+/// Every element of `s` must have been written.
+pub(crate) unsafe fn assume_init_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: same layout; the caller guarantees initialisation.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Whether the environment variable `name` is set to something other than empty or "0".

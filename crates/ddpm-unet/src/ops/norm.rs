@@ -1,7 +1,7 @@
 //! Fused GroupNorm (+ scale-shift) (+ SiLU) for the CPU, forward and backward, as Candle
 //! custom ops.
 //!
-//! One pass computes each group's statistics (f64 sums over eight lanes), one more normalises,
+//! One pass computes each group's statistics (f32 lanes, f64 totals), one more normalises,
 //! applies the affine and FiLM terms and SiLU; the backward pass needs two passes and keeps only
 //! two sums per channel. The per-group loops are compiled a second time for AVX-512 and picked at
 //! run time (the crates are built for baseline x86-64).
@@ -9,6 +9,7 @@
 use super::cpu::slice;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Fused GroupNorm (+ scale-shift) (+ SiLU). `params` packs [gamma; beta] and, when present,
 /// [scale; shift] per batch element: [2C + B·2C].
@@ -52,36 +53,31 @@ impl GroupNorm {
         })
     }
 
-    /// Mean and 1/std of one group, in one pass: sums of (x - k) and (x - k)² in f64 over
-    /// eight independent lanes, shifted by the group's first value k so that the variance
-    /// does not come from the difference of two large sums.
+    /// Mean and 1/std of one group, in one pass: sums of (x - k) and (x - k)², shifted by the
+    /// group's first value k so that the variance does not come from the difference of two
+    /// large sums.
     #[inline(always)]
     fn stats(&self, xg: &[f32]) -> (f32, f32) {
         let n = xg.len() as f64;
-        let k = xg.first().copied().unwrap_or(0.0) as f64;
-        let (mut s1, mut s2) = ([0f64; 8], [0f64; 8]);
-        let chunks = xg.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..8 {
-                let d = c[l] as f64 - k;
-                s1[l] += d;
-                s2[l] += d * d;
-            }
-        }
-        let (mut t1, mut t2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
-        for &v in rest {
-            let d = v as f64 - k;
-            t1 += d;
-            t2 += d * d;
-        }
+        let k = xg.first().copied().unwrap_or(0.0);
+        let (t1, t2) = shifted_sums(xg, k);
         let var = ((t2 - t1 * t1 / n) / n).max(0.0);
-        ((k + t1 / n) as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+        (
+            (k as f64 + t1 / n) as f32,
+            (1.0 / (var + self.eps).sqrt()) as f32,
+        )
     }
 
     /// Normalises group i (image i / groups, group i % groups) of x into o.
     #[inline(always)]
-    fn forward_group(&self, p: &[f32], d: &GnDims, i: usize, o: &mut [f32], xg: &[f32]) {
+    fn forward_group(
+        &self,
+        p: &[f32],
+        d: &GnDims,
+        i: usize,
+        o: &mut [MaybeUninit<f32>],
+        xg: &[f32],
+    ) {
         let (b, g) = (i / self.groups, i % self.groups);
         let (mean, rstd) = self.stats(xg);
         for ci in 0..d.cg {
@@ -95,13 +91,20 @@ impl GroupNorm {
                 &xg[ci * d.t..(ci + 1) * d.t],
             );
             if self.silu {
-                for (ov, &xv) in orow.iter_mut().zip(xrow) {
+                #[allow(unused_mut)]
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    // SAFETY: the CPU has AVX-512F.
+                    done = unsafe { super::simd::silu_affine(orow, xrow, a, sh0) };
+                }
+                for (ov, &xv) in orow[done..].iter_mut().zip(&xrow[done..]) {
                     let z = xv * a + sh0;
-                    *ov = z * sigmoid(z);
+                    ov.write(z * sigmoid(z));
                 }
             } else {
                 for (ov, &xv) in orow.iter_mut().zip(xrow) {
-                    *ov = xv * a + sh0;
+                    ov.write(xv * a + sh0);
                 }
             }
         }
@@ -109,7 +112,7 @@ impl GroupNorm {
 
     /// The backward pass of group a.i: dx into dxg, per-channel parameter sums into part.
     #[inline(always)]
-    fn backward_group(&self, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+    fn backward_group(&self, a: GroupArgs, dxg: &mut [MaybeUninit<f32>], part: &mut [f32]) {
         let GroupArgs { x, dout, p, d, i } = a;
         let gsize = d.cg * d.t;
         let (b, g) = (i / self.groups, i % self.groups);
@@ -140,23 +143,32 @@ impl GroupNorm {
                 };
                 (dz, xh)
             };
+            #[allow(unused_mut)]
+            let mut start = 0;
+            #[cfg(target_arch = "x86_64")]
+            if silu && super::simd::available() {
+                // SAFETY: the CPU has AVX-512F.
+                let (s, sx, done) =
+                    unsafe { super::simd::silu_backward(dzs, xs, ds, mean, rstd, a, z0) };
+                (sdz[0], sdzx[0], start) = (s, sx, done);
+            }
             // Whole vectors of 16 (so the loop vectorises), then the rest.
-            let full = d.t / 16 * 16;
-            for ((xc, dc), zc) in xs[..full]
+            let full = start + (d.t - start) / 16 * 16;
+            for ((xc, dc), zc) in xs[start..full]
                 .chunks_exact(16)
-                .zip(ds[..full].chunks_exact(16))
-                .zip(dzs[..full].chunks_exact_mut(16))
+                .zip(ds[start..full].chunks_exact(16))
+                .zip(dzs[start..full].chunks_exact_mut(16))
             {
                 for l in 0..16 {
                     let (dz, xh) = dz_of(xc[l], dc[l]);
-                    zc[l] = dz;
+                    zc[l].write(dz);
                     sdz[l] += dz;
                     sdzx[l] += dz * xh;
                 }
             }
             for j in full..d.t {
                 let (dz, xh) = dz_of(xs[j], ds[j]);
-                dzs[j] = dz;
+                dzs[j].write(dz);
                 sdz[0] += dz;
                 sdzx[0] += dz * xh;
             }
@@ -169,6 +181,8 @@ impl GroupNorm {
             sum1 += (a * sdz) as f64;
             sum2 += (a * sdzx) as f64;
         }
+        // SAFETY: pass 1 wrote every element of the group.
+        let dxg = unsafe { super::assume_init_mut(dxg) };
         // Pass 2: dx = rstd·(a·dz - mean(dx̂) - x̂·mean(dx̂·x̂)).
         let n = gsize as f64;
         let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
@@ -220,13 +234,36 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + exp_fast(-z))
 }
 
-/// Whether the CPU has AVX-512F, AVX2 and FMA, for the wrappers below (checked once). The
+/// Σ(x - k) and Σ(x - k)²: sixteen f32 lanes take at most 64 values each, then each block's
+/// lanes are added up in f64.
+fn shifted_sums(xg: &[f32], k: f32) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::available() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { super::simd::shifted_sums(xg, k) };
+    }
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for block in xg.chunks(1024) {
+        let (mut s1, mut s2) = (0f32, 0f32);
+        for &v in block {
+            let d = v - k;
+            s1 += d;
+            s2 += d * d;
+        }
+        t1 += s1 as f64;
+        t2 += s2 as f64;
+    }
+    (t1, t2)
+}
+
+/// Whether the CPU has AVX-512F and VL, AVX2 and FMA, for the wrappers below (checked once). The
 /// crates are built for baseline x86-64, so without them the element-wise kernels use SSE2.
 #[cfg(target_arch = "x86_64")]
 fn simd512() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
     })
@@ -234,13 +271,13 @@ fn simd512() -> bool {
 
 /// [`GroupNorm::forward_group`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn forward_group_avx512(
     op: &GroupNorm,
     p: &[f32],
     d: &GnDims,
     i: usize,
-    o: &mut [f32],
+    o: &mut [MaybeUninit<f32>],
     xg: &[f32],
 ) {
     op.forward_group(p, d, i, o, xg)
@@ -248,8 +285,13 @@ unsafe fn forward_group_avx512(
 
 /// [`GroupNorm::backward_group`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn backward_group_avx512(op: &GroupNorm, a: GroupArgs, dxg: &mut [f32], part: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn backward_group_avx512(
+    op: &GroupNorm,
+    a: GroupArgs,
+    dxg: &mut [MaybeUninit<f32>],
+    part: &mut [f32],
+) {
     op.backward_group(a, dxg, part)
 }
 
@@ -281,7 +323,6 @@ impl CustomOp2 for GroupNorm {
         );
         let d = self.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
-        // forward_group writes every element of its group.
         let mut out = super::output_buffer(x.len());
         out.par_chunks_mut(gsize)
             .zip(x.par_chunks(gsize))
@@ -294,6 +335,8 @@ impl CustomOp2 for GroupNorm {
                 }
                 self.forward_group(p, &d, i, o, xg)
             });
+        // SAFETY: forward_group wrote every element of every group.
+        let out = unsafe { super::assume_init(out) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -337,8 +380,9 @@ impl CustomOp3 for GroupNormBackward {
         );
         let d = op.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
-        // backward_group's first pass writes every element of its group.
         let mut dx = super::output_buffer(x.len());
+        // Room for the parameter gradients appended below, so that appending does not copy dx.
+        dx.reserve_exact(p.len());
         // Per group: partial d(gamma), d(beta) for its channels, and d(scale), d(shift).
         let mut partial = vec![0f32; d.b * op.groups * 4 * d.cg];
         dx.par_chunks_mut(gsize)
@@ -374,6 +418,8 @@ impl CustomOp3 for GroupNormBackward {
                 }
             }
         }
+        // SAFETY: backward_group wrote every element of every group.
+        let mut dx = unsafe { super::assume_init(dx) };
         dx.extend_from_slice(&dp);
         let n = dx.len();
         Ok((CpuStorage::F32(dx), Shape::from(n)))
