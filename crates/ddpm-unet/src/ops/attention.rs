@@ -33,12 +33,12 @@ impl Attention {
         let scale = 1.0 / (ch as f32).sqrt();
         for row in p.chunks_mut(t) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-            let mut sum = 0.0;
+            // The exponentials in a loop of their own, which vectorises (a running sum in the
+            // same loop kept it scalar: a fifth of the attention op's time).
             for v in row.iter_mut() {
                 *v = exp_fast(*v * scale - max);
-                sum += *v;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / row.iter().sum::<f32>();
             row.iter_mut().for_each(|v| *v *= inv);
         }
     }
