@@ -449,26 +449,24 @@ fn weight_grad_im2col(g: &ConvGeom, dy: &[f32], x: &[f32]) -> Vec<f32> {
     })
 }
 
+/// Σ of one row of values: sixteen f32 lanes, then f64.
+pub(crate) fn sum(row: &[f32]) -> f64 {
+    let mut acc = [0f32; 16];
+    let full = row.len() / 16 * 16;
+    for ch in row[..full].chunks_exact(16) {
+        for l in 0..16 {
+            acc[l] += ch[l];
+        }
+    }
+    acc.iter().map(|&v| v as f64).sum::<f64>() + row[full..].iter().map(|&v| v as f64).sum::<f64>()
+}
+
 /// Σ over images and positions of dY [B, C, N]: the bias gradient, per channel.
 fn bias_grad(dy: &[f32], c: usize, n: usize) -> Vec<f32> {
+    // f64 across rows and images.
     let per_image: Vec<Vec<f64>> = dy
         .par_chunks(c * n)
-        .map(|img| {
-            img.chunks(n)
-                .map(|row| {
-                    // Sixteen f32 lanes over one row, then f64 across rows and images.
-                    let mut acc = [0f32; 16];
-                    let full = row.len() / 16 * 16;
-                    for ch in row[..full].chunks_exact(16) {
-                        for l in 0..16 {
-                            acc[l] += ch[l];
-                        }
-                    }
-                    acc.iter().map(|&v| v as f64).sum::<f64>()
-                        + row[full..].iter().map(|&v| v as f64).sum::<f64>()
-                })
-                .collect()
-        })
+        .map(|img| img.chunks(n).map(sum).collect())
         .collect();
     (0..c)
         .map(|ch| per_image.iter().map(|v| v[ch]).sum::<f64>() as f32)
@@ -499,12 +497,14 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let (gd, xd) = (l1.dims(), l2.dims());
         let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
-        let mut dw = if self.direct && g.direct() {
+        let dw = if self.direct && g.direct() {
+            // Already [dW; db].
             super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.bf16)
         } else {
-            weight_grad_im2col(&g, dy, x)
+            let mut dw = weight_grad_im2col(&g, dy, x);
+            dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));
+            dw
         };
-        dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));
         let len = dw.len();
         Ok((CpuStorage::F32(dw), Shape::from(len)))
     }

@@ -186,8 +186,9 @@ pub fn backward_input(
     conv_packed(dy, (b, cout, h, w), &wt, cin, None, bf16)
 }
 
-/// The weight gradient: dW [Cout, Cin, 3, 3] = Σ over images and positions of dY ⊗ x's taps
-/// (with `bf16` and AVX512-BF16, products of bf16-rounded operands summed in f32).
+/// The weight and bias gradients, packed as [dW; db]: dW [Cout, Cin, 3, 3] = Σ over images and
+/// positions of dY ⊗ x's taps (with `bf16` and AVX512-BF16, products of bf16-rounded operands
+/// summed in f32), db [Cout] = Σ dY, taken while dY is copied for the kernels.
 pub fn backward_weight(
     dy: &[f32],
     x: &[f32],
@@ -205,7 +206,9 @@ pub fn backward_weight(
     // re-read for every input channel, is sized to stay in L2.
     let stride = (h + 1) * g.wp;
     let chunk = (384 * 1024 / (cout * stride * 4)).clamp(1, 16);
-    super::cpu::sum_over_images(b, cout * cin * 9, |images, dw| {
+    let nw = cout * cin * 9;
+    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+        let (dw, db) = dw.split_at_mut(nw);
         let (mut padded, mut dyq) = (Vec::new(), Vec::new());
         let (mut padded16, mut dyq16) = (Vec::new(), Vec::new());
         let hw = h * w;
@@ -229,6 +232,7 @@ pub fn backward_weight(
                 for c in 0..cout {
                     let src = &dy[(img * cout + c) * hw..][..hw];
                     g.put_rows(src, &mut dyq[c * len + j * stride..]);
+                    db[c] += super::cpu::sum(src) as f32;
                 }
             }
             if bf16 {
