@@ -98,6 +98,21 @@ impl Grid {
     }
 }
 
+/// A rayon thread's buffers for [`conv_packed`]: the padded input of one image (whose zero
+/// borders stay valid while `key` = (channels, height, width) is unchanged), the kernel's
+/// output rows and the bf16 pairs.
+#[derive(Default)]
+struct Scratch {
+    key: (usize, usize, usize),
+    padded: Vec<f32>,
+    outq: Vec<f32>,
+    pairs: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 /// Vectors of positions per block of the forward kernel: 8 channels × 2 vectors keep 16
 /// accumulators in registers (8 × 3 spills and runs at two thirds of the speed).
 const QV: usize = 2;
@@ -119,26 +134,43 @@ fn conv_packed(
         Vec::new()
     };
     let mut out = super::output_buffer(b * cout * h * w);
-    out.par_chunks_mut(cout * h * w).enumerate().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(padded, outq, pairs), (i, o)| {
-            g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, padded);
-            // Every position of every channel is written by the kernels: no clearing.
-            outq.resize(cout * g.q, 0.0);
-            if bf16 {
-                super::bf16::pack_pairs(padded, cin, g.s, pairs);
-                // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq`
-                // [cout, q] with q a multiple of 32, as the kernel requires.
-                unsafe { super::bf16::forward(pairs, &g, cin.div_ceil(2), &wt2, cout, bias, outq) };
-            } else {
-                // SAFETY: `available()` was checked by the caller; the kernel's loads stay
-                // inside `padded` ([cin, s] with s covering the furthest tap) and its stores
-                // inside `outq` ([cout, q]), by Grid's arithmetic.
-                unsafe { kernels::forward(padded, &g, cin, wt, cout, bias, outq) };
-            }
-            g.drop_padding(outq, cout, o);
-        },
-    );
+    out.par_chunks_mut(cout * h * w)
+        .enumerate()
+        .for_each(|(i, o)| {
+            SCRATCH.with_borrow_mut(|s| {
+                // rayon splits the images into many jobs; buffers kept per thread spare each job
+                // an allocation and a clearing of the padded copy (16 per call, measured).
+                // Nothing in here may call into rayon, or this thread could take another job
+                // and borrow the scratch twice.
+                if s.key != (cin, h, w) {
+                    s.padded.clear();
+                    s.key = (cin, h, w);
+                }
+                let Scratch {
+                    padded,
+                    outq,
+                    pairs,
+                    ..
+                } = s;
+                g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, padded);
+                // Every position of every channel is written by the kernels: no clearing.
+                outq.resize(cout * g.q, 0.0);
+                if bf16 {
+                    super::bf16::pack_pairs(padded, cin, g.s, pairs);
+                    // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq`
+                    // [cout, q] with q a multiple of 32, as the kernel requires.
+                    unsafe {
+                        super::bf16::forward(pairs, &g, cin.div_ceil(2), &wt2, cout, bias, outq)
+                    };
+                } else {
+                    // SAFETY: `available()` was checked by the caller; the kernel's loads stay
+                    // inside `padded` ([cin, s] with s covering the furthest tap) and its stores
+                    // inside `outq` ([cout, q]), by Grid's arithmetic.
+                    unsafe { kernels::forward(padded, &g, cin, wt, cout, bias, outq) };
+                }
+                g.drop_padding(outq, cout, o);
+            })
+        });
     // SAFETY: drop_padding wrote every element of every image.
     unsafe { super::assume_init(out) }
 }
@@ -213,16 +245,22 @@ pub fn backward_weight(
         let (mut padded16, mut dyq16) = (Vec::new(), Vec::new());
         let hw = h * w;
         let mut i0 = images.start;
+        let mut last_n = 0;
         while i0 < images.end {
             let n = chunk.min(images.end - i0);
             // Rows of n images' positions (a whole number of vectors), plus room for the
             // furthest tap of the last vector.
             let len = (n * stride).div_ceil(step) * step;
             let row = len + 2 * g.wp + 2;
-            padded.clear();
-            padded.resize(cin * row, 0.0);
-            dyq.clear();
-            dyq.resize(cout * len, 0.0);
+            // Chunks of the same size overwrite exactly the previous chunk's values: the zero
+            // padding between them stays, so the buffers are cleared only when the size changes.
+            if n != last_n {
+                padded.clear();
+                padded.resize(cin * row, 0.0);
+                dyq.clear();
+                dyq.resize(cout * len, 0.0);
+                last_n = n;
+            }
             for j in 0..n {
                 let img = i0 + j;
                 for c in 0..cin {
