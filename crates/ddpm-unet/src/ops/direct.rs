@@ -1,12 +1,13 @@
-//! Direct 3×3 (stride 1, padding 1) convolution kernels for AVX-512 CPUs.
+//! Direct 3×3 (stride 1, padding 1) convolution kernels for AVX-512 CPUs: the entry points.
 //!
 //! im2col + GEMM writes nine copies of every input, then the GEMM packs them again; on the
 //! UNet's narrow layers (32–128 channels) those copies cost as much as the arithmetic. These
-//! kernels read a zero-padded copy of each image instead. Positions are indexed on the padded
-//! row width (q = y·(W+2) + x), so that each of the nine taps is one contiguous, shifted vector
-//! load for any image width; the two extra columns per row are computed and dropped.
-//! The input gradient is the same kernel on the output gradient with the flipped, transposed
-//! kernel; the weight gradient reduces over positions with one accumulator per tap.
+//! kernels read one staged copy of each image instead and take each tap as a shifted vector
+//! load. The input gradient is the same convolution of the output gradient with the flipped,
+//! transposed kernel; the weight gradient reduces over positions with one accumulator per tap.
+//! In f32 the kernels run on the pixels themselves (`flat`, masked loads at the row ends); the
+//! bf16 kernels ([`super::bf16`]) run on a zero-padded grid (`Grid`: positions y·(W+2) + x,
+//! two computed-and-dropped columns per row), where every tap is a plain load.
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -27,7 +28,7 @@ pub fn available() -> bool {
     }
 }
 
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Layout of one image on the padded grid.
 #[derive(Debug, Clone, Copy)]
@@ -115,24 +116,19 @@ thread_local! {
 
 /// Vectors of positions per block of the forward kernel: 8 channels × 2 vectors keep 16
 /// accumulators in registers (8 × 3 spills and runs at two thirds of the speed).
-const QV: usize = 2;
+pub(crate) const QV: usize = 2;
 
-/// y [B, Cout, H, W] = conv3x3(x [B, Cin, H, W]) with weights in [Cin, 9, Cout] order (+ bias).
-fn conv_packed(
+/// y [B, Cout, H, W] = conv3x3(x [B, Cin, H, W]) with weights in [Cin, 9, Cout] order (+ bias),
+/// products in bf16 (the caller checks [`super::bf16::available`]).
+fn conv_bf16(
     x: &[f32],
     (b, cin, h, w): (usize, usize, usize, usize),
     wt: &[f32],
     cout: usize,
     bias: Option<&[f32]>,
-    bf16: bool,
 ) -> Vec<f32> {
     let g = Grid::new(h, w, QV * LANES);
-    let bf16 = bf16 && super::bf16::available();
-    let wt2 = if bf16 {
-        super::bf16::pack_weights(wt, cin, cout)
-    } else {
-        Vec::new()
-    };
+    let wt2 = super::bf16::pack_weights(wt, cin, cout);
     let mut out = super::output_buffer(b * cout * h * w);
     out.par_chunks_mut(cout * h * w)
         .enumerate()
@@ -153,21 +149,12 @@ fn conv_packed(
                     ..
                 } = s;
                 g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, padded);
-                // Every position of every channel is written by the kernels: no clearing.
+                // Every position of every channel is written by the kernel: no clearing.
                 outq.resize(cout * g.q, 0.0);
-                if bf16 {
-                    super::bf16::pack_pairs(padded, cin, g.s, pairs);
-                    // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq`
-                    // [cout, q] with q a multiple of 32, as the kernel requires.
-                    unsafe {
-                        super::bf16::forward(pairs, &g, cin.div_ceil(2), &wt2, cout, bias, outq)
-                    };
-                } else {
-                    // SAFETY: `available()` was checked by the caller; the kernel's loads stay
-                    // inside `padded` ([cin, s] with s covering the furthest tap) and its stores
-                    // inside `outq` ([cout, q]), by Grid's arithmetic.
-                    unsafe { kernels::forward(padded, &g, cin, wt, cout, bias, outq) };
-                }
+                super::bf16::pack_pairs(padded, cin, g.s, pairs);
+                // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq` [cout, q]
+                // with q a multiple of 32, as the kernel requires.
+                unsafe { super::bf16::forward(pairs, &g, cin.div_ceil(2), &wt2, cout, bias, outq) };
                 g.drop_padding(outq, cout, o);
             })
         });
@@ -194,7 +181,11 @@ pub fn forward(
             }
         }
     }
-    conv_packed(x, dims, &wt, cout, Some(bias), bf16)
+    if bf16 && super::bf16::available() {
+        conv_bf16(x, dims, &wt, cout, Some(bias))
+    } else {
+        super::flat::conv(x, dims, &wt, cout, Some(bias))
+    }
 }
 
 /// The input gradient: dX [B, Cin, H, W] from dY [B, Cout, H, W] and weight [Cout, Cin, 3, 3]
@@ -215,12 +206,16 @@ pub fn backward_input(
             }
         }
     }
-    conv_packed(dy, (b, cout, h, w), &wt, cin, None, bf16)
+    if bf16 && super::bf16::available() {
+        conv_bf16(dy, (b, cout, h, w), &wt, cin, None)
+    } else {
+        super::flat::conv(dy, (b, cout, h, w), &wt, cin, None)
+    }
 }
 
-/// The weight and bias gradients, packed as [dW; db]: dW [Cout, Cin, 3, 3] = Σ over images and
-/// positions of dY ⊗ x's taps (with `bf16` and AVX512-BF16, products of bf16-rounded operands
-/// summed in f32), db [Cout] = Σ dY, taken while dY is copied for the kernels.
+/// The weight and bias gradients, packed as `[dW; db]`: dW `[Cout, Cin, 3, 3]` = Σ over images
+/// and positions of dY ⊗ x's taps (with `bf16` and AVX512-BF16, products of bf16-rounded
+/// operands summed in f32), db `[Cout]` = Σ dY, taken while dY is copied for the kernels.
 pub fn backward_weight(
     dy: &[f32],
     x: &[f32],
@@ -228,9 +223,11 @@ pub fn backward_weight(
     cout: usize,
     bf16: bool,
 ) -> Vec<f32> {
-    let bf16 = bf16 && super::bf16::available();
+    if !(bf16 && super::bf16::available()) {
+        return super::flat::weight_grad(dy, x, (b, cin, h, w), cout);
+    }
     // bf16 steps take 32 positions at a time.
-    let step = if bf16 { 2 * LANES } else { LANES };
+    let step = 2 * LANES;
     let g = Grid::new(h, w, LANES);
     // Several images are laid end to end on one long position axis, so each accumulator is
     // reduced once per chunk rather than once per image. Consecutive images share a zero
@@ -242,7 +239,7 @@ pub fn backward_weight(
     super::cpu::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
         let (mut padded, mut dyq) = (Vec::new(), Vec::new());
-        let (mut padded16, mut dyq16) = (Vec::new(), Vec::new());
+        let (mut padded16, mut dyq16) = (Vec::new(), Vec::<u16>::new());
         let hw = h * w;
         let mut i0 = images.start;
         let mut last_n = 0;
@@ -273,23 +270,15 @@ pub fn backward_weight(
                     db[c] += super::cpu::sum(src) as f32;
                 }
             }
-            if bf16 {
-                let to16 = |src: &[f32], dst: &mut Vec<u16>| {
-                    dst.clear();
-                    dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
-                };
-                to16(&padded, &mut padded16);
-                to16(&dyq, &mut dyq16);
-                let rows = super::bf16::row_sums;
-                // SAFETY: AVX512-BF16 is available (checked above).
-                unsafe {
-                    weight_grad(&padded16, row, &dyq16, len, step, g.wp, cin, cout, dw, rows)
-                };
-            } else {
-                let rows = kernels::row_sums;
-                // SAFETY: `available()` was checked by the caller.
-                unsafe { weight_grad(&padded, row, &dyq, len, step, g.wp, cin, cout, dw, rows) };
-            }
+            let to16 = |src: &[f32], dst: &mut Vec<u16>| {
+                dst.clear();
+                dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
+            };
+            to16(&padded, &mut padded16);
+            to16(&dyq, &mut dyq16);
+            let rows = super::bf16::row_sums;
+            // SAFETY: AVX512-BF16 is available (checked above).
+            unsafe { weight_grad(&padded16, row, &dyq16, len, step, g.wp, cin, cout, dw, rows) };
             i0 += n;
         }
     })
@@ -364,151 +353,5 @@ unsafe fn weight_grad<T>(
                 }
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod kernels {
-    use super::{Grid, LANES, QV};
-    use std::arch::x86_64::*;
-
-    /// outq[co, q] (=/+) Σ_ci Σ_tap wt[ci, tap, co] · padded[ci, q + off(tap)], over all co.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    pub unsafe fn forward(
-        padded: &[f32],
-        g: &Grid,
-        cin: usize,
-        wt: &[f32],
-        cout: usize,
-        bias: Option<&[f32]>,
-        outq: &mut [f32],
-    ) {
-        for (co, cb) in super::channel_blocks(cout) {
-            // SAFETY (all calls): forwarded from this function's contract.
-            unsafe {
-                match cb {
-                    8 => block::<8, QV>(padded, g, cin, wt, cout, co, bias, outq),
-                    4 => block::<4, QV>(padded, g, cin, wt, cout, co, bias, outq),
-                    _ => block::<1, QV>(padded, g, cin, wt, cout, co, bias, outq),
-                }
-            }
-        }
-    }
-
-    /// Output channels co0..co0+CB over all positions, QV vectors of positions at a time.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    unsafe fn block<const CB: usize, const QV: usize>(
-        padded: &[f32],
-        g: &Grid,
-        cin: usize,
-        wt: &[f32],
-        cout: usize,
-        co0: usize,
-        bias: Option<&[f32]>,
-        outq: &mut [f32],
-    ) {
-        let offs: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
-        let p = padded.as_ptr();
-        let wp = wt.as_ptr();
-        let mut q0 = 0;
-        while q0 < g.q {
-            let mut acc = [[_mm512_setzero_ps(); QV]; CB];
-            for ci in 0..cin {
-                // SAFETY: q0 + QV·16 - 1 + off(8) < s, so every load is inside channel ci.
-                let base = unsafe { p.add(ci * g.s + q0) };
-                let wrow = unsafe { wp.add(ci * 9 * cout + co0) };
-                for (t, &off) in offs.iter().enumerate() {
-                    let xs: [__m512; QV] = std::array::from_fn(|v| unsafe {
-                        _mm512_loadu_ps(base.add(off + v * LANES))
-                    });
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(unsafe { *wrow.add(t * cout + c) });
-                        for v in 0..QV {
-                            a[v] = _mm512_fmadd_ps(wv, xs[v], a[v]);
-                        }
-                    }
-                }
-            }
-            for (c, a) in acc.iter().enumerate() {
-                let bv = _mm512_set1_ps(bias.map_or(0.0, |b| b[co0 + c]));
-                // SAFETY: q0 + QV·16 <= q, inside row co0 + c of outq.
-                let dst = unsafe { outq.as_mut_ptr().add((co0 + c) * g.q + q0) };
-                for (v, &av) in a.iter().enumerate() {
-                    unsafe { _mm512_storeu_ps(dst.add(v * LANES), _mm512_add_ps(av, bv)) };
-                }
-            }
-            q0 += QV * LANES;
-        }
-    }
-
-    /// [`super::RowSums`] for f32: 16 positions per step.
-    pub unsafe fn row_sums(
-        x: *const f32,
-        d: *const f32,
-        len: usize,
-        cb: usize,
-        sums: &mut [[f32; 3]; 8],
-    ) {
-        // SAFETY (all calls): forwarded from the RowSums contract.
-        unsafe {
-            match cb {
-                8 => *sums = rows::<8>(x, d, len),
-                4 => sums[..4].copy_from_slice(&rows::<4>(x, d, len)),
-                _ => sums[..1].copy_from_slice(&rows::<1>(x, d, len)),
-            }
-        }
-    }
-
-    /// The tap sums of CB output-gradient rows: 3·CB accumulators share each input vector
-    /// (for CB = 8: 11 loads per 24 FMAs).
-    // Out of line, and with AVX512-VL so that the registers above 15 take the zeroing idiom:
-    // otherwise LLVM spills a third of the 24 accumulators.
-    #[inline(never)]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    unsafe fn rows<const CB: usize>(x: *const f32, d: *const f32, len: usize) -> [[f32; 3]; CB] {
-        let mut acc = [[_mm512_setzero_ps(); 3]; CB];
-        let mut q = 0;
-        while q < len {
-            // SAFETY: q + 15 < len within each of the CB rows of d; q + 17 < len + 2 for x.
-            let xs = unsafe { [0, 1, 2].map(|k| _mm512_loadu_ps(x.add(q + k))) };
-            for (c, a) in acc.iter_mut().enumerate() {
-                let dv = unsafe { _mm512_loadu_ps(d.add(c * len + q)) };
-                for k in 0..3 {
-                    a[k] = _mm512_fmadd_ps(dv, xs[k], a[k]);
-                }
-            }
-            q += LANES;
-        }
-        acc.map(|a| a.map(|v| _mm512_reduce_add_ps(v)))
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod kernels {
-    use super::Grid;
-
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn forward(
-        _: &[f32],
-        _: &Grid,
-        _: usize,
-        _: &[f32],
-        _: usize,
-        _: Option<&[f32]>,
-        _: &mut [f32],
-    ) {
-        unreachable!("direct kernels are only dispatched when available()")
-    }
-
-    pub unsafe fn row_sums(
-        _: *const f32,
-        _: *const f32,
-        _: usize,
-        _: usize,
-        _: &mut [[f32; 3]; 8],
-    ) {
-        unreachable!("direct kernels are only dispatched when available()")
     }
 }

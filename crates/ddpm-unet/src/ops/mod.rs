@@ -12,6 +12,7 @@ pub mod attention;
 pub mod bf16;
 pub mod cpu;
 pub mod direct;
+mod flat;
 pub mod norm;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]

@@ -76,6 +76,8 @@ fn conv2d_matches_candle_forward_and_backward() {
     // positions, 28×28 and 7×7 end in a partial one; 6×11 is a rectangle.
     for &(b, ci, co, h, w, k, stride, pad) in &[
         (2, 3, 5, 7, 7, 3, 1, 1),
+        // 7×7 maps stack 8 images per task: a full stack, then 3 (slots of stale images).
+        (11, 4, 9, 7, 7, 3, 1, 1),
         (2, 5, 17, 28, 28, 3, 1, 1),
         (3, 16, 8, 14, 14, 3, 1, 1),
         (2, 9, 2, 6, 11, 3, 1, 1),
