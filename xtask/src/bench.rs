@@ -30,12 +30,24 @@ pub struct BenchOptions {
     pub batch: usize,
     pub warmup: usize,
     pub iters: usize,
+    /// Rounds of (ours, ours with bf16 convolutions, the original), one after the other.
+    pub rounds: usize,
     pub json: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
     v[v.len() / 2]
+}
+
+/// The per-field median of several rounds' figures (the largest peak RSS).
+fn median_figures(rounds: &[Figures]) -> Figures {
+    let field = |f: fn(&Figures) -> f64| median(rounds.iter().map(f).collect());
+    Figures {
+        train_images_per_sec: field(|f| f.train_images_per_sec),
+        forward_images_per_sec: field(|f| f.forward_images_per_sec),
+        peak_rss_mib: rounds.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max),
+    }
 }
 
 fn peak_rss_mib() -> f64 {
@@ -209,17 +221,27 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let ours = bench_ours(&opts)?;
-    // The bf16 variant of the convolutions, where the CPU has AVX512-BF16.
-    let ours_bf16 = if ddpm_unet::ops::bf16_supported() {
-        ddpm_unet::ops::set_bf16_convolutions(true);
-        let f = bench_ours(&opts);
-        ddpm_unet::ops::set_bf16_convolutions(false);
-        Some(f?)
-    } else {
-        None
-    };
-    let reference = bench_reference(&opts, threads)?;
+    let (mut ours, mut ours_bf16, mut reference) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..opts.rounds {
+        if opts.rounds > 1 && !opts.json {
+            eprintln!("round {} of {}", round + 1, opts.rounds);
+        }
+        ours.push(bench_ours(&opts)?);
+        // The bf16 variant of the convolutions, where the CPU has AVX512-BF16.
+        if ddpm_unet::ops::bf16_supported() {
+            ddpm_unet::ops::set_bf16_convolutions(true);
+            let f = bench_ours(&opts);
+            ddpm_unet::ops::set_bf16_convolutions(false);
+            ours_bf16.push(f?);
+        }
+        if let Some(r) = bench_reference(&opts, threads)? {
+            reference.push(r);
+        }
+    }
+    let rounds = serde_json::json!({"ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference});
+    let ours = median_figures(&ours);
+    let ours_bf16 = (!ours_bf16.is_empty()).then(|| median_figures(&ours_bf16));
+    let reference = (!reference.is_empty()).then(|| median_figures(&reference));
     if opts.json {
         let ratio = reference.as_ref().map(|r| {
             serde_json::json!({
@@ -229,13 +251,14 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         });
         println!(
             "{}",
-            serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference, "ratio": ratio})
+            serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference, "ratio": ratio, "rounds": rounds})
         );
         return Ok(());
     }
     println!(
-        "MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} iterations",
-        opts.batch, opts.iters
+        "MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} rounds \
+         (sides alternating) of the median of {} iterations",
+        opts.batch, opts.rounds, opts.iters
     );
     println!(
         "{:<28} {:>12} {:>12} {:>8}",

@@ -68,6 +68,10 @@ enum Command {
         /// Timed iterations (the median is reported).
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Rounds, each measuring every side in turn; the median round is reported (machine
+        /// load drifts, and alternating exposes both sides to it alike).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
     },
 }
 
@@ -138,11 +142,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             batch,
             warmup,
             iters,
+            rounds,
         } => {
             bench::run(bench::BenchOptions {
                 batch,
                 warmup,
                 iters,
+                rounds: rounds as usize,
                 json,
             })?;
             Ok(ExitCode::SUCCESS)
