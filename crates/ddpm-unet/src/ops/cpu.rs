@@ -87,6 +87,9 @@ impl ConvGeom {
         if wc != c_in || k != k2 {
             bail!("conv2d: kernel {wt:?} does not fit input {x:?}");
         }
+        if x.contains(&0) || wt.contains(&0) || stride == 0 {
+            bail!("conv2d: empty input {x:?} or kernel {wt:?}, or stride 0");
+        }
         if h + 2 * pad < k || w + 2 * pad < k {
             bail!("conv2d: input {x:?} smaller than the kernel");
         }

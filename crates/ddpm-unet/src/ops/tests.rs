@@ -107,6 +107,21 @@ fn conv2d_matches_candle_forward_and_backward() {
 }
 
 #[test]
+fn conv2d_rejects_empty_shapes() {
+    let x = rand(&[2, 3, 5, 5], 41);
+    let err = cpu::conv2d(
+        &x,
+        &Tensor::zeros((0, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap(),
+        1,
+        1,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("empty"), "{err}");
+}
+
+#[test]
 fn conv1x1_matches_candle_forward_and_backward() {
     // Attention's qkv and proj_out shapes, small: [B, C, T] with T = 7×7.
     let inputs = [
