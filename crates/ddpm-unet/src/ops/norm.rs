@@ -95,7 +95,7 @@ impl GroupNorm {
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
-                    // SAFETY: the CPU has AVX-512F.
+                    // SAFETY: the CPU has the features `simd` needs.
                     done = unsafe { super::simd::silu_affine(orow, xrow, a, sh0) };
                 }
                 for (ov, &xv) in orow[done..].iter_mut().zip(&xrow[done..]) {
@@ -147,7 +147,7 @@ impl GroupNorm {
             let mut start = 0;
             #[cfg(target_arch = "x86_64")]
             if silu && super::simd::available() {
-                // SAFETY: the CPU has AVX-512F.
+                // SAFETY: the CPU has the features `simd` needs.
                 let (s, sx, done) =
                     unsafe { super::simd::silu_backward(dzs, xs, ds, mean, rstd, a, z0) };
                 (sdz[0], sdzx[0], start) = (s, sx, done);
@@ -234,39 +234,21 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + exp_fast(-z))
 }
 
-/// Σ(x - k) and Σ(x - k)²: sixteen f32 lanes take at most 64 values each, then each block's
-/// lanes are added up in f64.
+/// Σ(x - k) and Σ(x - k)²: with AVX-512 in f32 lanes of at most 64 values added up in f64
+/// ([`super::simd::shifted_sums`]), elsewhere in f64 throughout.
 fn shifted_sums(xg: &[f32], k: f32) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::available() {
-        // SAFETY: the CPU has AVX-512F.
+        // SAFETY: the CPU has the features `simd` needs.
         return unsafe { super::simd::shifted_sums(xg, k) };
     }
     let (mut t1, mut t2) = (0f64, 0f64);
-    for block in xg.chunks(1024) {
-        let (mut s1, mut s2) = (0f32, 0f32);
-        for &v in block {
-            let d = v - k;
-            s1 += d;
-            s2 += d * d;
-        }
-        t1 += s1 as f64;
-        t2 += s2 as f64;
+    for &v in xg {
+        let d = (v - k) as f64;
+        t1 += d;
+        t2 += d * d;
     }
     (t1, t2)
-}
-
-/// Whether the CPU has AVX-512F and VL, AVX2 and FMA, for the wrappers below (checked once). The
-/// crates are built for baseline x86-64, so without them the element-wise kernels use SSE2.
-#[cfg(target_arch = "x86_64")]
-fn simd512() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    })
 }
 
 /// [`GroupNorm::forward_group`] compiled for AVX-512.
@@ -329,7 +311,7 @@ impl CustomOp2 for GroupNorm {
             .enumerate()
             .for_each(|(i, (o, xg))| {
                 #[cfg(target_arch = "x86_64")]
-                if simd512() {
+                if super::simd::available() {
                     // SAFETY: the CPU has the features the wrapper enables.
                     return unsafe { forward_group_avx512(self, p, &d, i, o, xg) };
                 }
@@ -397,7 +379,7 @@ impl CustomOp3 for GroupNormBackward {
                     i,
                 };
                 #[cfg(target_arch = "x86_64")]
-                if simd512() {
+                if super::simd::available() {
                     // SAFETY: the CPU has the features the wrapper enables.
                     return unsafe { backward_group_avx512(op, a, dxg, part) };
                 }

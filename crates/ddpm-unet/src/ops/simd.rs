@@ -8,10 +8,17 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-/// Whether the CPU has AVX-512F (checked once).
+/// Whether the CPU has AVX-512F and VL, AVX2 and FMA (checked once): what these kernels and
+/// GroupNorm's AVX-512 builds of its loops need. The crates are built for baseline x86-64, so
+/// without them the element-wise loops use SSE2.
 pub(crate) fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    })
 }
 
 /// The sum of the 16 lanes, in f64.
