@@ -99,19 +99,38 @@ impl Grid {
     }
 }
 
-/// A rayon thread's buffers for [`conv_packed`]: the padded input of one image (whose zero
-/// borders stay valid while `key` = (channels, height, width) is unchanged), the kernel's
-/// output rows and the bf16 pairs.
+/// A rayon thread's buffers for one convolution task (the bf16 kernels' and `flat`'s): the
+/// staged input, the kernel's output rows and the bf16 pairs.
 #[derive(Default)]
-struct Scratch {
-    key: (usize, usize, usize),
-    padded: Vec<f32>,
-    outq: Vec<f32>,
-    pairs: Vec<u32>,
+pub(crate) struct Scratch {
+    /// (padded grid or not, channels, height, width) of the last task's staged input.
+    key: (bool, usize, usize, usize),
+    pub(crate) staged: Vec<f32>,
+    pub(crate) outq: Vec<f32>,
+    pub(crate) pairs: Vec<u32>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch. The staged input keeps its zeros from the last task
+/// (only pixels are ever written) unless its layout, (`padded_grid`, c, h, w), changed; then it
+/// is emptied for the caller to size and clear. rayon splits a call's images into many jobs:
+/// buffers kept per thread spare each job an allocation and a clearing (16 per call, measured).
+/// Nothing in `f` may call into rayon, or this thread could take another job and borrow the
+/// scratch twice.
+pub(crate) fn with_scratch<R>(
+    (padded_grid, c, h, w): (bool, usize, usize, usize),
+    f: impl FnOnce(&mut Scratch) -> R,
+) -> R {
+    SCRATCH.with_borrow_mut(|s| {
+        if s.key != (padded_grid, c, h, w) {
+            s.staged.clear();
+            s.key = (padded_grid, c, h, w);
+        }
+        f(s)
+    })
 }
 
 /// Vectors of positions per block of the forward kernel: 8 channels × 2 vectors keep 16
@@ -133,17 +152,9 @@ fn conv_bf16(
     out.par_chunks_mut(cout * h * w)
         .enumerate()
         .for_each(|(i, o)| {
-            SCRATCH.with_borrow_mut(|s| {
-                // rayon splits the images into many jobs; buffers kept per thread spare each job
-                // an allocation and a clearing of the padded copy (16 per call, measured).
-                // Nothing in here may call into rayon, or this thread could take another job
-                // and borrow the scratch twice.
-                if s.key != (cin, h, w) {
-                    s.padded.clear();
-                    s.key = (cin, h, w);
-                }
+            with_scratch((true, cin, h, w), |s| {
                 let Scratch {
-                    padded,
+                    staged: padded,
                     outq,
                     pairs,
                     ..

@@ -7,7 +7,7 @@
 //! loads instead; only the row above and below needs zeros. Several small images are stacked on
 //! one position axis, one zero row apart, so that 7×7 and 14×14 maps fill whole vectors.
 
-use super::direct::{channel_blocks, LANES, QV};
+use super::direct::{channel_blocks, with_scratch, LANES, QV};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -92,19 +92,6 @@ impl Flat {
     }
 }
 
-/// A rayon thread's buffers for [`conv`]: the staged input (its zeros stay valid while `key`
-/// = (channels, height, width) is unchanged) and the kernel's output rows.
-#[derive(Default)]
-struct Scratch {
-    key: (usize, usize, usize),
-    staged: Vec<f32>,
-    outq: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
 /// y [B, Cout, H, W] = conv3x3(x [B, Cin, H, W]) with weights in [Cin, 9, Cout] order (+ bias).
 ///
 /// The caller checks [`super::direct::available`].
@@ -125,13 +112,7 @@ pub(crate) fn conv(
         .for_each(|(t, o)| {
             let n = o.len() / img_out;
             let x = &x[t * k * img_in..][..n * img_in];
-            // Nothing in here may call into rayon, or this thread could take another task
-            // and borrow its scratch twice.
-            SCRATCH.with_borrow_mut(|s| {
-                if s.key != (cin, h, w) {
-                    s.staged.clear();
-                    s.key = (cin, h, w);
-                }
+            with_scratch((false, cin, h, w), |s| {
                 f.stage(x, cin, n, f.s, &mut s.staged);
                 // Every position of every channel is written by the kernel: no clearing.
                 s.outq.resize(cout * f.q, 0.0);
