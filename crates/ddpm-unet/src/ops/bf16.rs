@@ -201,11 +201,12 @@ mod kernel {
     }
 }
 
-/// [`super::direct::RowSums`] for bf16 rows (the bits as u16), 32 positions per step: the
-/// weight-gradient kernel of [`super::direct::backward_weight`] with `bf16`.
+/// The row kernel of [`super::direct::weight_grad`] for bf16 rows (the bits as u16), 32
+/// positions per step: the weight gradient of [`super::direct::backward_weight`] with `bf16`.
 ///
 /// # Safety
-/// [`available`] must be true, and the RowSums contract hold (len a multiple of 32).
+/// [`available`] must be true, and the reads described at `weight_grad` in bounds (len a
+/// multiple of 32).
 pub(crate) unsafe fn row_sums(
     x: *const u16,
     d: *const u16,

@@ -287,8 +287,11 @@ pub fn backward_weight(
             };
             to16(&padded, &mut padded16);
             to16(&dyq, &mut dyq16);
-            let rows = super::bf16::row_sums;
-            // SAFETY: AVX512-BF16 is available (checked above).
+            // SAFETY: AVX512-BF16 is available (checked above), and weight_grad calls the
+            // kernel only within the bounds it asserts.
+            let rows =
+                |x, d, len, cb, sums: &mut _| unsafe { super::bf16::row_sums(x, d, len, cb, sums) };
+            // SAFETY: as for `rows`.
             unsafe { weight_grad(&padded16, row, &dyq16, len, step, g.wp, cin, cout, dw, rows) };
             i0 += n;
         }
@@ -311,19 +314,20 @@ pub(crate) fn channel_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
-/// A weight-gradient kernel: into sums[c] (c < cb, cb one of 8, 4, 1), the three tap sums
-/// Σ_q d[c·len + q]·x[q + kx] (kx = 0, 1, 2) for q < len. It reads d[c·len..c·len + len] and
-/// x[..len + 2].
-pub(crate) type RowSums<T> = unsafe fn(*const T, *const T, usize, usize, &mut [[f32; 3]; 8]);
-
-/// dw[co, ci, tap] += Σ_q dyq[co, q]·padded[ci, q + ky·wp + kx] over q < len, one kernel row
-/// of taps per call to `rows` (f32 or bf16 elements T).
+/// dw[co, ci, tap] += Σ_q dyq[co, q]·staged[ci, q + ky·wp + kx] over q < len, one kernel row
+/// of taps per call to `rows` (the f32 `flat` kernel with wp = W, or the bf16 kernel on the
+/// padded grid).
+///
+/// `rows(x, d, len, cb, sums)` is a weight-gradient kernel: into sums[c] (c < cb, cb one of 8,
+/// 4, 1), the three tap sums Σ_q d[c·len + q]·x[q + kx] (kx = 0, 1, 2) for q < len, reading
+/// d[c·len..c·len + len] and x[..len + 2].
 ///
 /// # Safety
-/// `rows` must be able to run on this CPU. The bounds it relies on are checked here.
+/// `rows` must be able to run on this CPU and read only what is described above; the bounds
+/// it then relies on are checked here.
 #[allow(clippy::too_many_arguments)]
-unsafe fn weight_grad<T>(
-    padded: &[T],
+pub(crate) unsafe fn weight_grad<T>(
+    staged: &[T],
     row: usize,
     dyq: &[T],
     len: usize,
@@ -332,32 +336,25 @@ unsafe fn weight_grad<T>(
     cin: usize,
     cout: usize,
     dw: &mut [f32],
-    rows: RowSums<T>,
+    rows: impl Fn(*const T, *const T, usize, usize, &mut [[f32; 3]; 8]),
 ) {
     assert!(
         len.is_multiple_of(step)
             && len + 2 * wp + 2 <= row
-            && padded.len() >= cin * row
+            && staged.len() >= cin * row
             && dyq.len() >= cout * len
             && dw.len() >= cout * cin * 9
     );
     let mut sums = [[0f32; 3]; 8];
     // Input channel outermost: its row stays in L1 while every output channel passes.
     for ci in 0..cin {
-        let x = padded[ci * row..].as_ptr();
+        let x = staged[ci * row..].as_ptr();
         for (co, cb) in channel_blocks(cout) {
             for ky in 0..3 {
                 // SAFETY: the assert bounds the kernel's reads: rows co..co + cb of dyq hold
                 // len values each, and x from ci·row + ky·wp reaches len + 2 within the row.
-                unsafe {
-                    rows(
-                        x.add(ky * wp),
-                        dyq.as_ptr().add(co * len),
-                        len,
-                        cb,
-                        &mut sums,
-                    )
-                };
+                let (xr, d) = unsafe { (x.add(ky * wp), dyq.as_ptr().add(co * len)) };
+                rows(xr, d, len, cb, &mut sums);
                 for (c, s) in sums[..cb].iter().enumerate() {
                     let r = &mut dw[((co + c) * cin + ci) * 9 + ky * 3..][..3];
                     r.iter_mut().zip(s).for_each(|(a, b)| *a += b);

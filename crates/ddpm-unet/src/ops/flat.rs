@@ -179,9 +179,15 @@ pub(crate) fn weight_grad(
                     db[c] += super::cpu::sum(src) as f32;
                 }
             }
-            // SAFETY: available() was checked by the caller; the sizes are as the kernel
-            // requires (len a multiple of 16 and ≤ q, rows of len + 2w + 2).
-            unsafe { kernels::weight_grad(&staged, row, &dyq, len, w, &masks, cin, cout, dw) };
+            // SAFETY: available() was checked by the caller; weight_grad calls the kernel only
+            // within the bounds it asserts, and len ≤ q, so `masks` covers every vector.
+            let rows = |x, d, len, cb, sums: &mut _| unsafe {
+                kernels::row_sums(x, d, len, cb, &masks, sums)
+            };
+            // SAFETY: as for `rows`.
+            unsafe {
+                super::direct::weight_grad(&staged, row, &dyq, len, LANES, w, cin, cout, dw, rows)
+            };
             i0 += n;
         }
     })
@@ -281,54 +287,24 @@ mod kernels {
         }
     }
 
-    /// dw[co, ci, tap] += Σ_p dyq[co, p]·staged[ci, p + ky·W + kx] over p < len.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    pub unsafe fn weight_grad(
-        staged: &[f32],
-        row: usize,
-        dyq: &[f32],
+    /// The row kernel of [`super::super::direct::weight_grad`] on the flat layout: the kx = 0 and kx = 2 taps
+    /// masked with `masks` (one entry per vector of positions, covering `len`).
+    pub unsafe fn row_sums(
+        x: *const f32,
+        d: *const f32,
         len: usize,
-        w: usize,
+        cb: usize,
         masks: &[[u16; 2]],
-        cin: usize,
-        cout: usize,
-        dw: &mut [f32],
+        sums: &mut [[f32; 3]; 8],
     ) {
-        assert!(
-            len.is_multiple_of(LANES)
-                && len + 2 * w + 2 <= row
-                && staged.len() >= cin * row
-                && dyq.len() >= cout * len
-                && masks.len() * LANES >= len
-                && dw.len() >= cout * cin * 9
-        );
-        // Input channel outermost: its row stays in L1 while every output channel passes.
-        for ci in 0..cin {
-            let x = staged[ci * row..].as_ptr();
-            for (co, cb) in channel_blocks(cout) {
-                for ky in 0..3 {
-                    // SAFETY: the assert bounds the reads: rows co..co + cb of dyq hold len
-                    // values each, and x from ci·row + ky·w reaches len + 2 within the row.
-                    let (xr, d) = unsafe { (x.add(ky * w), dyq.as_ptr().add(co * len)) };
-                    let sums = unsafe {
-                        match cb {
-                            8 => rows::<8>(xr, d, len, masks),
-                            4 => widen(rows::<4>(xr, d, len, masks)),
-                            _ => widen(rows::<1>(xr, d, len, masks)),
-                        }
-                    };
-                    for (c, s) in sums[..cb].iter().enumerate() {
-                        let r = &mut dw[((co + c) * cin + ci) * 9 + ky * 3..][..3];
-                        r.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-                    }
-                }
+        // SAFETY (all calls): forwarded from this function's contract.
+        unsafe {
+            match cb {
+                8 => *sums = rows::<8>(x, d, len, masks),
+                4 => sums[..4].copy_from_slice(&rows::<4>(x, d, len, masks)),
+                _ => sums[..1].copy_from_slice(&rows::<1>(x, d, len, masks)),
             }
         }
-    }
-
-    fn widen<const CB: usize>(s: [[f32; 3]; CB]) -> [[f32; 3]; 8] {
-        std::array::from_fn(|c| if c < CB { s[c] } else { [0.0; 3] })
     }
 
     /// The tap sums of CB output-gradient rows: 3·CB accumulators share each input vector.
@@ -384,17 +360,13 @@ mod kernels {
         unreachable!("direct kernels are only dispatched when available()")
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn weight_grad(
-        _: &[f32],
-        _: usize,
-        _: &[f32],
+    pub unsafe fn row_sums(
+        _: *const f32,
+        _: *const f32,
         _: usize,
         _: usize,
         _: &[[u16; 2]],
-        _: usize,
-        _: usize,
-        _: &mut [f32],
+        _: &mut [[f32; 3]; 8],
     ) {
         unreachable!("direct kernels are only dispatched when available()")
     }
