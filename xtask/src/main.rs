@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Check the port against cases computed by the original Python implementation.
     ReferenceCheck {
-        /// The cases file (default: ../shared/reference/cases.json beside the workspace).
+        /// The cases file (default: the project's own, xtask/reference/cases.json).
         #[arg(long)]
         cases: Option<PathBuf>,
         /// Also print the cases that pass.
@@ -83,9 +83,12 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `shared/` folder beside the checkout.
-fn shared_dir() -> PathBuf {
-    workspace_root().join("..").join("shared")
+/// The reference cases computed by the original, kept in the repository.
+fn reference_cases() -> PathBuf {
+    workspace_root()
+        .join("xtask")
+        .join("reference")
+        .join("cases.json")
 }
 
 fn main() -> ExitCode {
@@ -104,7 +107,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::ReferenceCheck { cases, verbose } => {
-            let path = cases.unwrap_or_else(|| shared_dir().join("reference").join("cases.json"));
+            let path = cases.unwrap_or_else(reference_cases);
             let s = reference::run_file(&path, verbose)?;
             println!(
                 "{} passed, {} failed, {} unsupported",

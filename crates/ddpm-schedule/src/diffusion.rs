@@ -150,7 +150,8 @@ pub struct LossTerms {
     pub loss: Tensor,
     /// The mean-squared error term (absent for the kl losses).
     pub mse: Option<Tensor>,
-    /// The variational-bound term (absent for a fixed variance with an mse loss).
+    /// The variational-bound term of an mse loss with a learned variance (absent for a fixed
+    /// variance, and for the kl losses, whose `loss` is the bound itself).
     pub vb: Option<Tensor>,
 }
 
@@ -553,10 +554,11 @@ impl GaussianDiffusion {
             if self.loss_type == LossType::RescaledKl {
                 vb = (vb * self.num_timesteps() as f64)?;
             }
+            // The bound is the loss itself: like the original, no separate mse or vb term.
             return Ok(LossTerms {
-                loss: vb.clone(),
+                loss: vb,
                 mse: None,
-                vb: Some(vb),
+                vb: None,
             });
         }
         let (mean_out, var_out) = self.split_model_output(&model_output, &x_t)?;

@@ -4,6 +4,8 @@ use crate::{Result, TrainError};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// The four MNIST files and the SHA-256 of their decompressed bytes.
 pub const MNIST_FILES: [(&str, &str); 4] = [
@@ -31,6 +33,44 @@ pub const MNIST_MIRRORS: [&str; 3] = [
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 ];
+
+/// The environment variable naming a mirror to try before the canonical ones.
+pub const MIRROR_ENV: &str = "MNIST_MIRROR";
+
+/// The mirrors to try, in order: `MNIST_MIRROR` when set (a URL or a local folder), then
+/// [`MNIST_MIRRORS`].
+pub fn mirrors_from_env() -> Vec<String> {
+    let mut mirrors: Vec<String> = std::env::var(MIRROR_ENV)
+        .ok()
+        .filter(|m| !m.trim().is_empty())
+        .into_iter()
+        .collect();
+    mirrors.extend(MNIST_MIRRORS.iter().map(|m| m.to_string()));
+    mirrors
+}
+
+/// Makes sure `dir` holds verified MNIST, fetching what is missing from [`mirrors_from_env`].
+///
+/// Meant for programs and tests that need the real data set: on failure the error is one line
+/// that says how to provide MNIST (a mirror folder or a download with network access).
+pub fn ensure_mnist(dir: &Path) -> Result<()> {
+    let mirrors = mirrors_from_env();
+    download_mnist(dir, &mirrors).map(|_| ()).map_err(|e| {
+        let first = e
+            .to_string()
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        TrainError::Download(format!(
+            "MNIST is not in {} and could not be fetched ({first}); set {MIRROR_ENV} to a \
+             folder (or URL) holding the four MNIST .gz files, or run `cargo xtask \
+             download-mnist` on a machine with network access",
+            dir.display()
+        ))
+    })
+}
 
 /// SHA-256 of bytes, as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -61,7 +101,14 @@ fn verified(path: &Path, sha: &str) -> bool {
 fn fetch(mirror: &str, name: &str) -> std::result::Result<Vec<u8>, String> {
     if mirror.starts_with("http://") || mirror.starts_with("https://") {
         let url = format!("{}/{name}.gz", mirror.trim_end_matches('/'));
-        let resp = ureq::get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+        // Bounded waits: a stalled server must not hang a download (or a test) for ever.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(20)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        let resp = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
         let mut body = Vec::new();
         resp.into_body()
             .into_reader()
@@ -92,6 +139,8 @@ pub fn download_mnist(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
         source: e,
     })?;
     let mut fetched = Vec::new();
+    // A mirror that could not be reached for one file is not asked for the next ones.
+    let mut unreachable: Vec<&str> = Vec::new();
     for (name, sha) in MNIST_FILES {
         let dest: PathBuf = dir.join(name);
         if verified(&dest, sha) {
@@ -100,11 +149,25 @@ pub fn download_mnist(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
         let mut tried = Vec::new();
         let mut ok = false;
         for mirror in mirrors {
-            let bytes = match fetch(mirror, name).and_then(|b| {
-                decompress(b).map_err(|e| format!("{mirror}{name}.gz: bad gzip: {e}"))
-            }) {
+            if unreachable.contains(&mirror.as_str()) {
+                tried.push(format!(
+                    "{mirror}: skipped (unreachable for an earlier file)"
+                ));
+                continue;
+            }
+            let bytes = match fetch(mirror, name) {
                 Ok(b) => b,
                 Err(e) => {
+                    tracing::warn!("{e}");
+                    tried.push(e);
+                    unreachable.push(mirror);
+                    continue;
+                }
+            };
+            let bytes = match decompress(bytes) {
+                Ok(b) => b,
+                Err(e) => {
+                    let e = format!("{mirror}: {name}.gz: bad gzip: {e}");
                     tracing::warn!("{e}");
                     tried.push(e);
                     continue;
@@ -117,7 +180,13 @@ pub fn download_mnist(dir: &Path, mirrors: &[String]) -> Result<Vec<String>> {
                 ));
                 continue;
             }
-            let tmp = dir.join(format!("{name}.part{}", std::process::id()));
+            // Unique per call, so that threads (parallel tests) fetching at once never share it.
+            static CALLS: AtomicU64 = AtomicU64::new(0);
+            let tmp = dir.join(format!(
+                "{name}.part{}-{}",
+                std::process::id(),
+                CALLS.fetch_add(1, Ordering::Relaxed)
+            ));
             std::fs::write(&tmp, &bytes).map_err(|e| TrainError::Io {
                 path: tmp.clone(),
                 source: e,

@@ -54,8 +54,14 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 #[test]
-fn shared_mnist_bf16_training_follows_the_f32_loss_curve() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/mnist");
+fn mnist_bf16_training_follows_the_f32_loss_curve() {
+    // Real MNIST in the workspace's data/mnist, fetched once (MNIST_MIRROR honoured).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .join("data/mnist");
+    ddpm_train::download::ensure_mnist(&dir).unwrap_or_else(|e| panic!("{e}"));
     let data = ImageDataset::load(&dir, Split::Train).unwrap();
     if !ddpm_unet::ops::bf16_supported() {
         eprintln!("no AVX512-BF16 on this CPU: --bf16 is f32 here, nothing to compare");

@@ -277,18 +277,26 @@ fn class_conditional_training_runs() {
         .contains_key("label_emb.weight"));
 }
 
-fn shared_mnist() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/mnist")
+/// Real MNIST in the workspace's `data/mnist` (where `cargo xtask train-mnist` keeps it), fetched
+/// once through the project's downloader, which honours `MNIST_MIRROR`.
+fn mnist() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .join("data/mnist");
+    ddpm_train::download::ensure_mnist(&dir).unwrap_or_else(|e| panic!("{e}"));
+    dir
 }
 
-/// The download path users run, pointed at the shared folder as a mirror, after a dead one.
+/// The download path users run, after a dead mirror, from a folder holding the files.
 #[test]
-fn shared_mnist_download_falls_back_to_a_working_mirror_and_loads() {
+fn mnist_download_falls_back_to_a_working_mirror_and_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("mnist");
     let mirrors = vec![
         dir.path().join("dead-mirror").display().to_string(),
-        shared_mnist().display().to_string(),
+        mnist().display().to_string(),
     ];
     let fetched = ddpm_train::download::download_mnist(&out, &mirrors).unwrap();
     assert_eq!(fetched.len(), 4);
@@ -312,8 +320,8 @@ fn shared_mnist_download_falls_back_to_a_working_mirror_and_loads() {
 
 /// The committed classifier behind `ddpm-cli eval` classifies real MNIST digits at >= 99%.
 #[test]
-fn shared_mnist_classifier_reaches_99_percent() {
-    let test = ImageDataset::load(&shared_mnist(), Split::Test).unwrap();
+fn mnist_classifier_reaches_99_percent() {
+    let test = ImageDataset::load(&mnist(), Split::Test).unwrap();
     let clf = ddpm_train::eval::Classifier::pretrained(&Device::Cpu).unwrap();
     let acc = clf.accuracy(&test).unwrap();
     assert!(acc >= 0.99, "test accuracy {acc}");

@@ -18,9 +18,9 @@ pub mod ops;
 mod params;
 
 pub use config::UNetConfig;
-pub use model::UNet;
+pub use model::{class_indices, UNet};
 pub use nn::timestep_embedding;
-pub use params::{read_safetensors, write_safetensors, ParamStore};
+pub use params::{read_safetensors, read_safetensors_any, write_safetensors, ParamStore};
 
 /// Errors raised by the UNet crate.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,14 @@ pub enum UNetError {
         path: std::path::PathBuf,
         /// What is wrong with it.
         detail: String,
+    },
+    /// A tensor given as a parameter that does not hold floating-point values.
+    #[error("parameter {name} has dtype {dtype:?}; expected a float type (f32, f64, f16, bf16)")]
+    NotFloat {
+        /// The parameter's name.
+        name: String,
+        /// The tensor's dtype.
+        dtype: candle_core::DType,
     },
     /// A JSON config that cannot be parsed.
     #[error("UNet config JSON: {0}")]

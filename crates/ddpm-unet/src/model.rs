@@ -137,8 +137,14 @@ impl UNet {
             ChaCha8Rng::seed_from_u64(seed);
     }
 
-    /// Checks the inputs of [`Self::forward`] and says what is wrong.
-    fn check_inputs(&self, x: &Tensor, timesteps: &Tensor, labels: Option<&Tensor>) -> Result<()> {
+    /// Checks the inputs of [`Self::forward`], says what is wrong, and returns the labels as
+    /// `u32` indices.
+    fn check_inputs(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         let bad = |m: String| Err(UNetError::Input(m));
         let dims = x.dims();
         if dims.len() != 4 || dims[1] != self.cfg.in_channels {
@@ -158,7 +164,7 @@ impl UNet {
             ));
         }
         match (labels, self.cfg.num_classes) {
-            (None, None) => Ok(()),
+            (None, None) => Ok(None),
             (Some(_), None) => bad("class labels given to an unconditional model".into()),
             (None, Some(n)) => bad(format!(
                 "this model is class-conditional ({n} classes) and needs labels"
@@ -171,14 +177,7 @@ impl UNet {
                         dims[0]
                     ));
                 }
-                let ids = y.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                match ids
-                    .iter()
-                    .find(|&&v| v < 0.0 || v >= n as f64 || v.fract() != 0.0)
-                {
-                    Some(v) => bad(format!("label {v} is outside 0..{n}")),
-                    None => Ok(()),
-                }
+                class_indices(y, n).map(Some)
             }
         }
     }
@@ -192,14 +191,14 @@ impl UNet {
         labels: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        self.check_inputs(x, timesteps, labels)?;
+        let labels = self.check_inputs(x, timesteps, labels)?;
         let x = x.to_dtype(self.dtype)?;
         let t_emb = timestep_embedding(timesteps, self.cfg.model_channels, self.dtype)?;
         let mut emb = self
             .time_embed
             .1
             .forward(&self.time_embed.0.forward(&t_emb)?.silu()?)?;
-        if let (Some(le), Some(y)) = (&self.label_emb, labels) {
+        if let (Some(le), Some(y)) = (&self.label_emb, &labels) {
             emb = (emb + le.forward(y)?)?;
         }
         let mut guard = (train && self.cfg.dropout > 0.0)
@@ -219,4 +218,28 @@ impl UNet {
             .out_conv
             .forward(&self.out_norm.forward(&h, None, true)?)?)
     }
+}
+
+/// Class labels as `u32` indices below `num_classes`, from any integer dtype (PyTorch saves class
+/// indices as int64, numpy often as int32 or uint8). Floats are refused: a label is an index,
+/// and a float one usually means images and labels were swapped.
+pub fn class_indices(labels: &Tensor, num_classes: usize) -> Result<Tensor> {
+    let bad = |m: String| UNetError::Input(m);
+    let ids: Vec<i64> = match labels.dtype() {
+        DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => labels
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1()?,
+        other => {
+            return Err(bad(format!(
+                "class labels have dtype {other:?}; expected integer class indices (u8, u32, i16, i32 or i64)"
+            )))
+        }
+    };
+    if let Some(v) = ids.iter().find(|&&v| v < 0 || v >= num_classes as i64) {
+        return Err(bad(format!("label {v} is outside 0..{num_classes}")));
+    }
+    let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+    Ok(Tensor::from_vec(ids, labels.dims(), labels.device())?)
 }

@@ -129,6 +129,15 @@ impl ParamStore {
                 mismatched,
             });
         }
+        for name in inner.vars.keys() {
+            let dtype = tensors[name].dtype();
+            if !matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+                return Err(UNetError::NotFloat {
+                    name: name.clone(),
+                    dtype,
+                });
+            }
+        }
         for (name, var) in &inner.vars {
             let t = tensors[name]
                 .to_device(&self.device)?
@@ -149,18 +158,13 @@ impl ParamStore {
     }
 }
 
-/// Reads every tensor of a safetensors file, with errors that name the file.
+/// Reads every tensor of a weights file (f32, f64, f16 or bf16), with errors that name the file.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|source| UNetError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let tensors = read_safetensors_any(path)?;
     let bad = |detail: String| UNetError::BadFile {
         path: path.to_path_buf(),
         detail,
     };
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     for (name, t) in &tensors {
         if !matches!(
             t.dtype(),
@@ -173,6 +177,19 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         }
     }
     Ok(tensors)
+}
+
+/// Reads every tensor of a safetensors file in its stored dtype, integers included (class labels
+/// saved by PyTorch are int64), with errors that name the file.
+pub fn read_safetensors_any(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|source| UNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| UNetError::BadFile {
+        path: path.to_path_buf(),
+        detail: format!("not a valid safetensors file: {e}"),
+    })
 }
 
 /// Writes tensors to a safetensors file atomically: a crash leaves the old file or the new one.

@@ -219,6 +219,64 @@ fn class_conditional_forward_uses_the_labels() {
     assert!(e.contains("unconditional"), "{e}");
 }
 
+/// Labels come as PyTorch (int64) and numpy (int32, uint8) write them; floats are refused.
+#[test]
+fn class_labels_load_from_every_integer_dtype() {
+    let cfg = UNetConfig {
+        num_classes: Some(10),
+        ..small_cfg()
+    };
+    let (store, model) = build(&cfg, 4);
+    perturb(&store, 1);
+    let (x, t) = inputs(2);
+    let want = model
+        .forward(
+            &x,
+            &t,
+            Some(&Tensor::new(&[3u32, 9], &Device::Cpu).unwrap()),
+            false,
+        )
+        .unwrap();
+    let ints = [
+        Tensor::new(&[3i64, 9], &Device::Cpu).unwrap(),
+        Tensor::new(&[3i32, 9], &Device::Cpu).unwrap(),
+        Tensor::new(&[3u8, 9], &Device::Cpu).unwrap(),
+    ];
+    for y in &ints {
+        let got = model.forward(&x, &t, Some(y), false).unwrap();
+        assert_eq!(max_diff(&want, &got), 0.0, "labels as {:?}", y.dtype());
+    }
+    let float = Tensor::new(&[3f32, 9.0], &Device::Cpu).unwrap();
+    let e = model
+        .forward(&x, &t, Some(&float), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("F32") && e.contains("integer"), "{e}");
+    for bad in [[-1i64, 2], [2, 10]] {
+        let y = Tensor::new(&bad, &Device::Cpu).unwrap();
+        let e = model
+            .forward(&x, &t, Some(&y), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside 0..10"), "{e}");
+    }
+    // A parameter file cannot smuggle an integer tensor in as weights.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let mut tensors = store.tensors().unwrap();
+    tensors.insert(
+        "label_emb.weight".into(),
+        Tensor::zeros((10, 128), DType::I64, &Device::Cpu).unwrap(),
+    );
+    ddpm_unet::write_safetensors(&tensors, &path).unwrap();
+    let e = store.load_safetensors(&path).unwrap_err().to_string();
+    assert!(e.contains("label_emb.weight") && e.contains("I64"), "{e}");
+    assert_eq!(
+        ddpm_unet::read_safetensors_any(&path).unwrap()["label_emb.weight"].dtype(),
+        DType::I64
+    );
+}
+
 #[test]
 fn dropout_acts_only_in_training_and_is_seeded() {
     let cfg = UNetConfig {

@@ -122,24 +122,34 @@ pub fn run_case(raw: &Value, dir: &Path) -> Outcome {
         None => return Outcome::Unsupported(format!("unknown kind {kind:?}")),
         Some(r) => r,
     };
-    let mut mismatches = match result {
-        Ok(()) => Vec::new(),
-        Err(e) => vec![Mismatch {
-            field: "(error)".into(),
-            index: None,
-            expected: "a result".into(),
-            got: format!("{e:#}"),
-        }],
-    };
-    if let Some(why) = case.unknown_inputs(kind) {
-        return Outcome::Unsupported(why);
-    }
-    mismatches.extend(case.take_mismatches());
-    mismatches.extend(case.unchecked_expected());
-    if mismatches.is_empty() {
-        Outcome::Passed
-    } else {
-        Outcome::Failed(mismatches)
+    match result {
+        // Only a case that ran to the end has read every field it understands: unread inputs
+        // then mean the checker does not understand the case, and unread expected fields are
+        // values it does not verify.
+        Ok(()) => {
+            if let Some(why) = case.unknown_inputs(kind) {
+                return Outcome::Unsupported(why);
+            }
+            let mut mismatches = case.take_mismatches();
+            mismatches.extend(case.unchecked_expected());
+            if mismatches.is_empty() {
+                Outcome::Passed
+            } else {
+                Outcome::Failed(mismatches)
+            }
+        }
+        // An error stops a case before it reads its later fields; it is a failure, never
+        // "unsupported", and says what went wrong (after any differences found before it).
+        Err(e) => {
+            let mut mismatches = case.take_mismatches();
+            mismatches.push(Mismatch {
+                field: "(error)".into(),
+                index: None,
+                expected: "a result".into(),
+                got: format!("{e:#}"),
+            });
+            Outcome::Failed(mismatches)
+        }
     }
 }
 
