@@ -63,9 +63,12 @@ pub struct TrainMnistArgs {
     /// Train a class-conditional model.
     #[arg(long)]
     pub class_cond: bool,
-    /// Resume from this checkpoint folder.
+    /// Resume from this checkpoint folder, or `latest` (the newest in the run folder).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start afresh in a run folder that holds an earlier run, deleting it.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -174,11 +177,20 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("runs/mnist-{name}")));
+    // On resume the checkpoint's settings stand; the flags given here are compared with them.
     if let Some(s) = args.steps {
         t.steps = s;
+        t.explicit.push("steps".into());
+    }
+    if args.class_cond {
+        t.explicit.push("class_cond".into());
+    }
+    if args.seed != 0 {
+        t.explicit.push("seed".into());
     }
     t.class_cond = args.class_cond;
     t.resume_checkpoint = args.resume.clone();
+    t.overwrite = args.overwrite;
     t.seed = args.seed;
     t.device = args.device.clone();
     t.bf16 = args.bf16;

@@ -96,6 +96,13 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     let (x_test, _) = test.batch(&all_test, &device)?;
     let (f_test, _) = clf.describe(&x_test, 500)?;
     let real: Vec<usize> = (0..args.num.min(train.len)).collect();
+    if real.len() < args.num {
+        tracing::warn!(
+            "the real-data floor uses all {} training images, fewer than the {} samples",
+            real.len(),
+            args.num
+        );
+    }
     let (x_real, _) = train.batch(&real, &device)?;
     let (f_real, p_real) = clf.describe(&x_real, 500)?;
     let report = serde_json::json!({
@@ -108,6 +115,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
             "class_histogram": class_histogram(&p_gen),
         },
         "real_train_images": {
+            "num": real.len(),
             "frechet_distance": frechet_distance(&f_real, &f_test),
             "inception_score": inception_score(&p_real),
             "class_histogram": class_histogram(&p_real),
@@ -125,7 +133,12 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
                 args.respacing.clone()
             }
         );
-        println!("{:<26} {:>12} {:>12}", "", "samples", "real train");
+        println!(
+            "{:<26} {:>12} {:>12}",
+            "",
+            format!("{} samples", args.num),
+            format!("{} real", real.len())
+        );
         let (s, r) = (&report["samples"], &report["real_train_images"]);
         println!(
             "{:<26} {:>12.3} {:>12.3}",

@@ -7,6 +7,7 @@ pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -20,8 +21,9 @@ pub fn init_logging() {
         .init();
 }
 
-/// A flag set by the first Ctrl-C (the trainer then saves a checkpoint and returns); a second
-/// Ctrl-C exits at once.
+/// A flag set by the first SIGINT (Ctrl-C), SIGTERM or SIGHUP: the trainer then saves a
+/// checkpoint and returns. These are the signals a terminal, a service manager, a container
+/// runtime or a batch scheduler sends; a second one exits at once.
 pub fn ctrlc_stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -29,9 +31,30 @@ pub fn ctrlc_stop_flag() -> Result<Arc<AtomicBool>> {
         if s.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
+        // Not eprintln!: after SIGHUP the terminal may be gone, and a failed write must not
+        // panic the handler.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\nstopping: saving a checkpoint (a second signal quits at once)"
+        );
     })?;
     Ok(stop)
+}
+
+/// The ids of `cmd`'s arguments that `m` took from the command line or the environment.
+pub fn explicit_flags(cmd: &clap::Command, m: &clap::ArgMatches) -> Vec<String> {
+    cmd.get_arguments()
+        .map(|a| a.get_id().as_str())
+        .filter(|id| {
+            matches!(
+                m.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// Parses `--device`: `cpu`, `cuda`, `cuda:N` or `metal`.

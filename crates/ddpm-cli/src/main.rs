@@ -1,7 +1,7 @@
 //! `ddpm-cli`: train and sample diffusion models on MNIST-style data.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -21,6 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a diffusion model (flags as improved-diffusion's image_train.py).
+    #[command(args_override_self = true)]
     Train(ddpm_cli::train::TrainArgs),
     /// Sample images from a checkpoint: PNG grid, npz, GIF of the chain.
     Sample(ddpm_cli::sample::SampleArgs),
@@ -34,7 +35,18 @@ fn main() -> ExitCode {
     ddpm_train::tune_threads();
     ddpm_train::tune_mimalloc();
     ddpm_cli::init_logging();
-    match run(Cli::parse()) {
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let (Command::Train(args), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
+        if let Some(train) = command.find_subcommand("train") {
+            args.explicit = ddpm_cli::explicit_flags(train, m);
+        }
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

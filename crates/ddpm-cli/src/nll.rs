@@ -80,8 +80,13 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         );
     }
     let n = args.num.min(data.len);
-    let diffusion =
-        GaussianDiffusion::new(&loaded.meta.diffusion.to_config(Some(&args.respacing))?)?;
+    let diffusion = loaded
+        .meta
+        .diffusion
+        .to_config(Some(&args.respacing))
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(GaussianDiffusion::new(&c)?))
+        .with_context(|| format!("--respacing {:?}", args.respacing))?;
     let t_total = diffusion.num_timesteps();
     let bar = if args.no_progress {
         indicatif::ProgressBar::hidden()
@@ -121,6 +126,13 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
     let mean = totals.iter().sum::<f64>() / m;
     let var = totals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
     let stderr = (var / m).sqrt();
+    if !mean.is_finite() {
+        bail!(
+            "the bound is not finite ({mean}) on these images: the model's output holds NaN or \
+             infinite values (check the weights of {})",
+            args.checkpoint.display()
+        );
+    }
     let quarters: Vec<f64> = (0..4)
         .map(|q| {
             (q * t_total / 4..(q + 1) * t_total / 4)

@@ -95,6 +95,19 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
     if !matches!(args.gif_show.as_str(), "xt" | "x0" | "both") {
         bail!("--gif-show must be xt, x0 or both, not {:?}", args.gif_show);
     }
+    if !(args.eta >= 0.0 && args.eta.is_finite()) {
+        bail!("--eta {} must be a finite number, 0 or more", args.eta);
+    }
+    // Outputs are checked before the sampling, which can take hours, not after it.
+    for (flag, path) in [
+        ("--out", &args.out),
+        ("--npz", &args.npz),
+        ("--gif", &args.gif),
+    ] {
+        if let Some(p) = path {
+            check_writable(flag, p)?;
+        }
+    }
     let device: Device = parse_device(&args.device)?;
     crate::set_bf16(args.bf16, &device);
     let ema = args
@@ -166,11 +179,24 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(rng.random()));
         let record = bi == 0 && args.gif.is_some();
         let model = &loaded.model;
+        let mut calls = 0usize;
         let out = diffusion.sample_loop(
             |x, ts| {
-                model
+                calls += 1;
+                let out = model
                     .forward(x, ts, y_t.as_ref(), false)
-                    .map_err(candle_core::Error::wrap)
+                    .map_err(candle_core::Error::wrap)?;
+                // A NaN or infinite output would end as a black image; stop and say where.
+                let sum = out.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !sum.is_finite() {
+                    let t = ts.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    candle_core::bail!(
+                        "the model's output is not finite at sampling step {calls} of {total_steps} \
+                         (model timestep {}); the weights may hold NaN or infinite values",
+                        t.first().copied().unwrap_or(f64::NAN)
+                    );
+                }
+                Ok(out)
             },
             x_t,
             sampler,
@@ -197,7 +223,8 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         let arr0 = Tensor::from_vec(bytes, (n, hh, ww, cc), &Device::Cpu)?;
         let arr1 = Tensor::from_vec(labels.clone(), n, &Device::Cpu)?;
         let tmp = path.with_extension("npz.tmp");
-        Tensor::write_npz(&[("arr_0", &arr0), ("arr_1", &arr1)], &tmp)?;
+        Tensor::write_npz(&[("arr_0", &arr0), ("arr_1", &arr1)], &tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
@@ -206,6 +233,35 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         println!("wrote {} ({} frames)", path.display(), frames.len());
     }
     Ok(Samples { images, labels })
+}
+
+/// Checks that `path` can be written: its folder exists and takes a new file, and it is not a
+/// folder itself.
+pub fn check_writable(flag: &str, path: &std::path::Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("{flag} {} is a folder; give a file name", path.display());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    let probe = parent.join(format!(".ddpm-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "{flag} {}: cannot write in {}",
+            path.display(),
+            parent.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// Writes the recorded (x_t, predicted x_0) pairs as an animated GIF of grids.

@@ -3,7 +3,9 @@
 use crate::{parse_device, parse_list};
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args};
-use ddpm_train::{DiffusionSettings, ImageDataset, RunOutcome, Split, TrainConfig, Trainer};
+use ddpm_train::{
+    CheckpointMeta, DiffusionSettings, ImageDataset, RunOutcome, Split, TrainConfig, Trainer,
+};
 use ddpm_unet::UNetConfig;
 use std::path::PathBuf;
 
@@ -103,9 +105,13 @@ pub struct TrainArgs {
     /// Clip the gradient norm (off by default, as the original).
     #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// Resume from this checkpoint folder.
+    /// Resume from this checkpoint folder, or `latest`: the newest complete checkpoint in --out.
     #[arg(long)]
     pub resume_checkpoint: Option<PathBuf>,
+    /// Start a new run in an --out folder that holds another run's checkpoints or metrics,
+    /// deleting them (without it, that is an error).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Train a class-conditional model.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub class_cond: bool,
@@ -122,6 +128,10 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// The flags given on the command line (clap ids such as `lr`), which a resumed run
+    /// compares with the checkpoint; the others keep the checkpoint's values.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }
 
 impl TrainArgs {
@@ -194,6 +204,202 @@ impl TrainArgs {
     }
 }
 
+/// Flags a resumed run takes over from the command line (with a notice): they change how the
+/// rest of the run proceeds, not what was trained so far.
+const APPLIED_ON_RESUME: &[&str] = &[
+    "steps",
+    "lr",
+    "weight_decay",
+    "lr_anneal_steps",
+    "microbatch",
+    "log_interval",
+    "save_interval",
+    "sample_interval",
+    "sample_count",
+    "sample_respacing",
+    "keep_checkpoints",
+    "grad_clip",
+];
+
+/// Flags that say where and how to run, not what to train.
+const OPERATIONAL: &[&str] = &[
+    "data",
+    "out",
+    "resume_checkpoint",
+    "overwrite",
+    "device",
+    "bf16",
+    "no_progress",
+];
+
+/// A setting as the checkpoint has it and as the flags give it, for the flags that a resumed
+/// run cannot change (the model, the diffusion process, the data order and the EMA).
+fn fixed_on_resume(
+    id: &str,
+    meta: &CheckpointMeta,
+    args: &TrainArgs,
+) -> Result<Option<(String, String)>> {
+    let (m, d, t) = (&meta.model, &meta.diffusion, &meta.train);
+    let pair = |a: String, b: String| Ok(Some((a, b)));
+    match id {
+        "num_channels" => pair(m.model_channels.to_string(), args.num_channels.to_string()),
+        "num_res_blocks" => pair(
+            m.num_res_blocks.to_string(),
+            args.num_res_blocks.to_string(),
+        ),
+        "channel_mult" => pair(
+            format!("{:?}", m.channel_mult),
+            format!(
+                "{:?}",
+                parse_list::<usize>(&args.channel_mult, "--channel-mult")?
+            ),
+        ),
+        "attention_resolutions" => {
+            let size = meta.image_size[0];
+            let to_res = |ds: &[usize]| -> Vec<usize> { ds.iter().map(|d| size / d).collect() };
+            pair(
+                format!("{:?}", to_res(&m.attention_resolutions)),
+                format!(
+                    "{:?}",
+                    parse_list::<usize>(&args.attention_resolutions, "--attention-resolutions")?
+                ),
+            )
+        }
+        "num_heads" => pair(m.num_heads.to_string(), args.num_heads.to_string()),
+        "use_scale_shift_norm" => pair(
+            m.use_scale_shift_norm.to_string(),
+            args.use_scale_shift_norm.to_string(),
+        ),
+        "dropout" => pair(m.dropout.to_string(), args.dropout.to_string()),
+        "learn_sigma" => pair(d.learn_sigma.to_string(), args.learn_sigma.to_string()),
+        "sigma_small" => pair(d.sigma_small.to_string(), args.sigma_small.to_string()),
+        "noise_schedule" => pair(d.noise_schedule.clone(), args.noise_schedule.clone()),
+        "diffusion_steps" => pair(
+            d.diffusion_steps.to_string(),
+            args.diffusion_steps.to_string(),
+        ),
+        "use_kl" => pair(d.use_kl.to_string(), args.use_kl.to_string()),
+        "predict_xstart" => pair(
+            d.predict_xstart.to_string(),
+            args.predict_xstart.to_string(),
+        ),
+        "rescale_learned_sigmas" => pair(
+            d.rescale_learned_sigmas.to_string(),
+            args.rescale_learned_sigmas.to_string(),
+        ),
+        "schedule_sampler" => pair(t.schedule_sampler.clone(), args.schedule_sampler.clone()),
+        "ema_rate" => pair(
+            format!("{:?}", t.ema_rate),
+            format!("{:?}", parse_list::<f64>(&args.ema_rate, "--ema-rate")?),
+        ),
+        "batch_size" => pair(t.batch_size.to_string(), args.batch_size.to_string()),
+        "class_cond" => pair(t.class_cond.to_string(), args.class_cond.to_string()),
+        "seed" => pair(t.seed.to_string(), args.seed.to_string()),
+        _ => Ok(None),
+    }
+}
+
+/// Checks the flags given for a resumed run against its checkpoint: a flag that would change
+/// what was trained is refused (naming it) unless it repeats the checkpoint's value; the ones
+/// in [`APPLIED_ON_RESUME`] are returned, each with a notice, to apply.
+pub fn check_resume_flags(args: &TrainArgs, meta: &CheckpointMeta) -> Result<Vec<String>> {
+    let mut applied = Vec::new();
+    let new = args.train_config()?;
+    for id in &args.explicit {
+        let id = id.as_str();
+        let flag = format!("--{}", id.replace('_', "-"));
+        if OPERATIONAL.contains(&id) {
+            continue;
+        }
+        if APPLIED_ON_RESUME.contains(&id) {
+            let (old, now) = match id {
+                "steps" => (meta.train.steps.to_string(), new.steps.to_string()),
+                "lr" => (meta.train.lr.to_string(), new.lr.to_string()),
+                "weight_decay" => (
+                    meta.train.weight_decay.to_string(),
+                    new.weight_decay.to_string(),
+                ),
+                "lr_anneal_steps" => (
+                    meta.train.lr_anneal_steps.to_string(),
+                    new.lr_anneal_steps.to_string(),
+                ),
+                "microbatch" => (
+                    meta.train.microbatch.to_string(),
+                    new.microbatch.to_string(),
+                ),
+                "log_interval" => (
+                    meta.train.log_interval.to_string(),
+                    new.log_interval.to_string(),
+                ),
+                "save_interval" => (
+                    meta.train.save_interval.to_string(),
+                    new.save_interval.to_string(),
+                ),
+                "sample_interval" => (
+                    meta.train.sample_interval.to_string(),
+                    new.sample_interval.to_string(),
+                ),
+                "sample_count" => (
+                    meta.train.sample_count.to_string(),
+                    new.sample_count.to_string(),
+                ),
+                "sample_respacing" => (
+                    format!("{:?}", meta.train.sample_respacing),
+                    format!("{:?}", new.sample_respacing),
+                ),
+                "keep_checkpoints" => (
+                    meta.train.keep_checkpoints.to_string(),
+                    new.keep_checkpoints.to_string(),
+                ),
+                _ => (
+                    format!("{:?}", meta.train.grad_clip),
+                    format!("{:?}", new.grad_clip),
+                ),
+            };
+            if id == "steps" && new.steps < meta.step {
+                bail!(
+                    "--steps {} is below the checkpoint's step {}: nothing to train",
+                    new.steps,
+                    meta.step
+                );
+            }
+            if old != now {
+                applied.push(id.to_string());
+                tracing::info!("resume: {flag} {now} (the checkpoint had {old})");
+            }
+            continue;
+        }
+        match fixed_on_resume(id, meta, args)? {
+            Some((old, now)) if old == now => {}
+            Some((old, now)) => bail!(
+                "{flag} {now} differs from the checkpoint's {old}: a resumed run keeps its \
+                 model, diffusion process, data order and EMA (start a new run to change it)"
+            ),
+            None => bail!("{flag} cannot be given when resuming"),
+        }
+    }
+    Ok(applied)
+}
+
+/// The checkpoint `--resume-checkpoint` names (`latest`: the newest complete one in --out).
+fn resume_path(args: &TrainArgs) -> Result<Option<PathBuf>> {
+    match &args.resume_checkpoint {
+        Some(p) if p.as_os_str() == "latest" => {
+            match ddpm_train::run_folder::latest_checkpoint(&args.out) {
+                Some(d) => {
+                    tracing::info!("resuming from {}", d.display());
+                    Ok(Some(d))
+                }
+                None => bail!(
+                    "--resume-checkpoint latest: {} holds no complete checkpoint",
+                    args.out.display()
+                ),
+            }
+        }
+        other => Ok(other.clone()),
+    }
+}
+
 /// Runs `train`; `stop` is set by a Ctrl-C handler when there is one.
 pub fn run(
     args: &TrainArgs,
@@ -214,15 +420,29 @@ pub fn run(
             data.width
         );
     }
-    let mut trainer = match &args.resume_checkpoint {
+    let resume = resume_path(args)?;
+    let mut trainer = match &resume {
         Some(ckpt) => {
+            let meta = CheckpointMeta::read(ckpt)?;
+            let applied = check_resume_flags(args, &meta)?;
             let cfg = args.train_config()?;
             Trainer::resume(ckpt, data, &args.out, &device, |c| {
-                c.steps = cfg.steps;
-                c.log_interval = cfg.log_interval;
-                c.save_interval = cfg.save_interval;
-                c.sample_interval = cfg.sample_interval;
-                c.keep_checkpoints = cfg.keep_checkpoints;
+                for id in &applied {
+                    match id.as_str() {
+                        "steps" => c.steps = cfg.steps,
+                        "lr" => c.lr = cfg.lr,
+                        "weight_decay" => c.weight_decay = cfg.weight_decay,
+                        "lr_anneal_steps" => c.lr_anneal_steps = cfg.lr_anneal_steps,
+                        "microbatch" => c.microbatch = cfg.microbatch,
+                        "log_interval" => c.log_interval = cfg.log_interval,
+                        "save_interval" => c.save_interval = cfg.save_interval,
+                        "sample_interval" => c.sample_interval = cfg.sample_interval,
+                        "sample_count" => c.sample_count = cfg.sample_count,
+                        "sample_respacing" => c.sample_respacing = cfg.sample_respacing.clone(),
+                        "keep_checkpoints" => c.keep_checkpoints = cfg.keep_checkpoints,
+                        _ => c.grad_clip = cfg.grad_clip,
+                    }
+                }
             })?
         }
         None => {
@@ -237,6 +457,12 @@ pub fn run(
             )?
         }
     };
+    // Every setting is checked by now; only then may --overwrite delete an earlier run.
+    ddpm_train::run_folder::prepare_run_folder(
+        &args.out,
+        resume.as_ref().map(|_| trainer.run_id()),
+        args.overwrite,
+    )?;
     if let Some(stop) = stop {
         trainer.set_stop_flag(stop);
     }

@@ -4,7 +4,7 @@ use crate::settings::{DiffusionSettings, TrainConfig};
 use crate::{Result, TrainError};
 use ddpm_unet::UNetConfig;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// File name of the model weights in a checkpoint folder.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -62,6 +62,17 @@ pub struct CheckpointMeta {
     pub data_pos: usize,
     /// The loss-second-moment sampler's history, when that sampler is used.
     pub sampler: Option<crate::sampler::LossSecondMomentSampler>,
+    /// The run this checkpoint belongs to (pruning removes only its own run's checkpoints);
+    /// absent in checkpoints written before run ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Images in the training set, to refuse resuming on a different one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_len: Option<usize>,
+    /// The log window in progress (steps since the last metrics row), so that a resumed run
+    /// logs the same rows as an uninterrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_window: Option<crate::trainer::LogWindow>,
 }
 
 impl CheckpointMeta {
@@ -76,9 +87,14 @@ impl CheckpointMeta {
         })?;
         let meta: Self = serde_json::from_str(&text)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-        meta.model
-            .validate()
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let bad = |e: String| TrainError::Checkpoint(format!("{}: {e}", path.display()));
+        meta.model.validate().map_err(|e| bad(e.to_string()))?;
+        // The stored diffusion settings must describe a process on their own, so that a bad
+        // value is blamed on this file rather than on a sampling flag.
+        meta.diffusion
+            .to_config(Some(""))
+            .and_then(|c| Ok(ddpm_schedule::GaussianDiffusion::new(&c)?))
+            .map_err(|e| bad(format!("diffusion settings: {e}")))?;
         Ok(meta)
     }
 }
@@ -86,78 +102,6 @@ impl CheckpointMeta {
 /// The folder name of the checkpoint at `step`.
 pub fn checkpoint_name(step: u64) -> String {
     format!("checkpoint-{step:07}")
-}
-
-/// Writes a checkpoint folder atomically: files go to a temporary folder that is renamed into
-/// place only when complete, so an interrupted save leaves the previous checkpoints intact.
-pub fn write_checkpoint_dir(
-    run_dir: &Path,
-    step: u64,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<PathBuf> {
-    let io = |path: &Path, e: std::io::Error| TrainError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let final_dir = run_dir.join(checkpoint_name(step));
-    let tmp = run_dir.join(format!(
-        ".{}.tmp{}",
-        checkpoint_name(step),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if final_dir.exists() {
-        let old = run_dir.join(format!(
-            ".{}.old{}",
-            checkpoint_name(step),
-            std::process::id()
-        ));
-        std::fs::rename(&final_dir, &old).map_err(|e| io(&final_dir, e))?;
-        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
-    } else {
-        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
-    }
-    Ok(final_dir)
-}
-
-/// Complete checkpoint folders of a run, oldest first.
-pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            Some((step, e.path()))
-        })
-        .filter(|(_, p)| p.join(CONFIG_FILE).exists())
-        .collect();
-    out.sort();
-    out
-}
-
-/// Removes all but the newest `keep` checkpoints (0 keeps all).
-pub fn prune_checkpoints(run_dir: &Path, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
-    }
-    let all = list_checkpoints(run_dir);
-    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(dir).map_err(|e| TrainError::Io {
-            path: dir.clone(),
-            source: e,
-        })?;
-    }
-    Ok(())
 }
 
 /// A model loaded from a checkpoint folder for sampling or evaluation.
@@ -178,14 +122,19 @@ pub fn load_model(
     device: &candle_core::Device,
 ) -> Result<LoadedModel> {
     let meta = CheckpointMeta::read(dir)?;
+    crate::run_folder::verify_checkpoint(dir)?;
+    let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
     let file = match ema {
         Some("") => MODEL_FILE.to_string(),
         Some(rate) => {
             let f = ema_file(rate);
-            if !dir.join(&f).exists() {
-                let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
+            let known = have.iter().any(|h| h == rate)
+                || rate
+                    .parse::<f64>()
+                    .is_ok_and(|r| meta.train.ema_rate.contains(&r));
+            if !known {
                 return Err(TrainError::Checkpoint(format!(
-                    "{} has no EMA at rate {rate} (it has: {})",
+                    "{} has no EMA at rate {rate} (it has: {}; --ema model takes the raw weights)",
                     dir.display(),
                     if have.is_empty() {
                         "none".to_string()
@@ -196,16 +145,25 @@ pub fn load_model(
             }
             f
         }
-        None => match meta.train.ema_rate.first() {
-            Some(r) if dir.join(ema_file(&r.to_string())).exists() => ema_file(&r.to_string()),
-            _ => MODEL_FILE.to_string(),
+        // The first EMA the run kept; the raw weights only for a run that kept none.
+        None => match have.first() {
+            Some(r) => ema_file(r),
+            None => MODEL_FILE.to_string(),
         },
     };
+    let path = dir.join(&file);
+    if !path.exists() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} is missing {file} (the run saved it: the folder is damaged or incomplete); \
+             --ema model takes the raw weights",
+            dir.display()
+        )));
+    }
     let store = ddpm_unet::ParamStore::new(0, candle_core::DType::F32, device);
     let model = ddpm_unet::UNet::new(store.var_builder(), &meta.model)?;
     store
-        .load_safetensors(&dir.join(&file))
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join(&file).display())))?;
+        .load_safetensors(&path)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     let weights = file.trim_end_matches(".safetensors").to_string();
     Ok(LoadedModel {
         meta,
@@ -217,65 +175,6 @@ pub fn load_model(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_failed_save_leaves_the_previous_checkpoint_intact() {
-        let run = tempfile::tempdir().unwrap();
-        let first = write_checkpoint_dir(run.path(), 5, |d| {
-            std::fs::write(d.join(CONFIG_FILE), "{}").unwrap();
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(first.file_name().unwrap(), "checkpoint-0000005");
-        // A save that dies half-way (error after writing one file).
-        let e = write_checkpoint_dir(run.path(), 6, |d| {
-            std::fs::write(d.join(MODEL_FILE), "partial").unwrap();
-            Err(TrainError::Checkpoint("disk full".into()))
-        });
-        assert!(e.is_err());
-        assert_eq!(
-            list_checkpoints(run.path())
-                .iter()
-                .map(|c| c.0)
-                .collect::<Vec<_>>(),
-            vec![5]
-        );
-        assert_eq!(
-            std::fs::read_dir(run.path()).unwrap().count(),
-            1,
-            "no temporary folder left"
-        );
-        // Overwriting the same step replaces it whole.
-        write_checkpoint_dir(run.path(), 5, |d| {
-            std::fs::write(d.join(CONFIG_FILE), "{\"v\":2}").unwrap();
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(
-            std::fs::read_to_string(first.join(CONFIG_FILE)).unwrap(),
-            "{\"v\":2}"
-        );
-    }
-
-    #[test]
-    fn pruning_keeps_the_newest() {
-        let run = tempfile::tempdir().unwrap();
-        for s in [10, 20, 30, 40] {
-            write_checkpoint_dir(run.path(), s, |d| {
-                std::fs::write(d.join(CONFIG_FILE), "{}").unwrap();
-                Ok(())
-            })
-            .unwrap();
-        }
-        prune_checkpoints(run.path(), 2).unwrap();
-        assert_eq!(
-            list_checkpoints(run.path())
-                .iter()
-                .map(|c| c.0)
-                .collect::<Vec<_>>(),
-            vec![30, 40]
-        );
-    }
 
     #[test]
     fn reading_a_non_checkpoint_says_so() {

@@ -84,8 +84,14 @@ pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
             u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
         })
         .collect();
-    let n: usize = dims.iter().product();
     let have = bytes.len() - header;
+    // Checked: a corrupt header can declare dimensions whose product overflows.
+    let Some(n) = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+        return Err(data_err(
+            path,
+            format!("IDX dimensions {dims:?} are too large ({have} bytes of data)"),
+        ));
+    };
     if have != n {
         let what = if have < n {
             "truncated"
@@ -202,6 +208,15 @@ impl ImageDataset {
                     labels.dims[0],
                     images.dims[0],
                     images_path.display()
+                ),
+            ));
+        }
+        if images.dims.contains(&0) {
+            return Err(data_err(
+                images_path,
+                format!(
+                    "holds no images (dimensions {:?}): an empty data set cannot train or score",
+                    images.dims
                 ),
             ));
         }
@@ -343,6 +358,7 @@ mod tests {
 
     #[test]
     fn dataset_checks_pairing_and_scales_pixels() {
+        let p = Path::new;
         let imgs = IdxArray {
             dims: vec![2, 1, 2],
             data: vec![0, 255, 51, 204],
@@ -366,6 +382,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("3 labels for 2 images"), "{e}");
+        // A data set of zero images (it would spin the epoch shuffler for ever).
+        let none = |dims: Vec<usize>| IdxArray { dims, data: vec![] };
+        let e = ImageDataset::from_idx(none(vec![0, 28, 28]), none(vec![0]), p("i"), p("l"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no images"), "{e}");
+        let e = ImageDataset::from_idx(none(vec![2, 0, 28]), none(vec![2]), p("i"), p("l"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no images"), "{e}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod ema;
 pub mod eval;
 pub mod grid;
 pub mod optim;
+pub mod run_folder;
 pub mod sampler;
 pub mod settings;
 pub mod trainer;

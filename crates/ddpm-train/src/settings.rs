@@ -164,6 +164,15 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return fail(format!("lr {} must be positive", self.lr));
         }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return fail(format!(
+                "weight decay {} must be finite and not negative",
+                self.weight_decay
+            ));
+        }
+        if self.sample_interval > 0 && self.sample_count == 0 {
+            return fail("sample_count must be positive when sample grids are drawn".into());
+        }
         if let Some(r) = self.ema_rate.iter().find(|r| !(0.0..1.0).contains(*r)) {
             return fail(format!("ema rate {r} must be in [0, 1)"));
         }
@@ -180,7 +189,7 @@ impl TrainConfig {
             ));
         }
         if let Some(c) = self.grad_clip {
-            if c.is_nan() || c <= 0.0 {
+            if !(c > 0.0 && c.is_finite()) {
                 return fail(format!("grad clip {c} must be positive"));
             }
         }
@@ -242,6 +251,19 @@ mod tests {
         assert!(e(|c| c.ema_rate = vec![1.0]).contains("ema rate"));
         assert!(e(|c| c.schedule_sampler = "x".into()).contains("unknown schedule sampler"));
         assert!(e(|c| c.lr = 0.0).contains("lr"));
+        // Non-finite settings are errors before any work.
+        assert!(e(|c| c.lr = f64::NAN).contains("lr"));
+        assert!(e(|c| c.lr = f64::INFINITY).contains("lr"));
+        assert!(e(|c| c.weight_decay = f64::NAN).contains("weight decay"));
+        assert!(e(|c| c.weight_decay = -1.0).contains("weight decay"));
+        assert!(e(|c| c.grad_clip = Some(f64::INFINITY)).contains("grad clip"));
+        assert!(e(|c| c.grad_clip = Some(f64::NAN)).contains("grad clip"));
+        assert!(e(|c| c.ema_rate = vec![f64::NAN]).contains("ema rate"));
+        assert!(e(|c| {
+            c.sample_interval = 10;
+            c.sample_count = 0
+        })
+        .contains("sample_count"));
         TrainConfig::default().validate().unwrap();
     }
 }

@@ -14,7 +14,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -76,6 +75,8 @@ pub struct Trainer {
     shuffler: EpochShuffler,
     rng: ChaCha8Rng,
     run_dir: PathBuf,
+    run_id: Option<String>,
+    log: LogWindow,
     /// Optimiser steps completed.
     pub step: u64,
     stop: Arc<AtomicBool>,
@@ -94,6 +95,9 @@ impl Trainer {
     ) -> Result<Self> {
         cfg.validate()?;
         model_cfg.validate()?;
+        if data.len == 0 {
+            return Err(TrainError::Config("the training set has no images".into()));
+        }
         model_cfg.validate_image_size(data.height, data.width)?;
         if cfg.class_cond != model_cfg.num_classes.is_some() {
             return Err(TrainError::Config(
@@ -109,6 +113,13 @@ impl Trainer {
             )));
         }
         let diffusion = GaussianDiffusion::new(&diffusion_settings.to_config(Some(""))?)?;
+        if cfg.sample_interval > 0 {
+            // The sample grids' settings are checked now, not at the first grid.
+            GaussianDiffusion::new(&diffusion_settings.to_config(Some(&cfg.sample_respacing))?)
+                .map_err(|e| {
+                    TrainError::Config(format!("sample respacing {:?}: {e}", cfg.sample_respacing))
+                })?;
+        }
         let store = ParamStore::new(cfg.seed, DType::F32, device);
         let model = UNet::new(store.var_builder(), &model_cfg)?;
         let params = store.vars();
@@ -130,10 +141,6 @@ impl Trainer {
             "loss-second-moment" => Sampler::LossSecondMoment(LossSecondMomentSampler::new(n)),
             _ => Sampler::Uniform(UniformSampler::new(n)),
         };
-        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Io {
-            path: run_dir.to_path_buf(),
-            source: e,
-        })?;
         Ok(Self {
             shuffler: EpochShuffler::new(data.len, cfg.seed, 0, 0),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
@@ -148,6 +155,8 @@ impl Trainer {
             sampler,
             data,
             run_dir: run_dir.to_path_buf(),
+            run_id: Some(new_run_id(cfg.seed)),
+            log: LogWindow::default(),
             step: 0,
             stop: Arc::new(AtomicBool::new(false)),
             device: device.clone(),
@@ -166,8 +175,28 @@ impl Trainer {
         update: impl FnOnce(&mut TrainConfig),
     ) -> Result<Self> {
         let meta = CheckpointMeta::read(ckpt)?;
+        crate::run_folder::verify_checkpoint(ckpt)?;
         let mut cfg = meta.train.clone();
         update(&mut cfg);
+        if cfg.steps < meta.step {
+            return Err(TrainError::Config(format!(
+                "{} is at step {}, past the {} steps asked for",
+                ckpt.display(),
+                meta.step,
+                cfg.steps
+            )));
+        }
+        if meta.data_pos > data.len || meta.data_len.is_some_and(|n| n != data.len) {
+            return Err(TrainError::Config(format!(
+                "{} was trained on {} images (at position {} of an epoch); this training set \
+                 has {}: resume with the same data",
+                ckpt.display(),
+                meta.data_len
+                    .map_or_else(|| "a different number of".to_string(), |n| n.to_string()),
+                meta.data_pos,
+                data.len
+            )));
+        }
         if cfg.ema_rate != meta.train.ema_rate
             || cfg.class_cond != meta.train.class_cond
             || cfg.schedule_sampler != meta.train.schedule_sampler
@@ -210,6 +239,8 @@ impl Trainer {
             *s = saved;
         }
         t.step = meta.step;
+        t.run_id = meta.run_id;
+        t.log = meta.log_window.unwrap_or_default();
         Ok(t)
     }
 
@@ -221,6 +252,18 @@ impl Trainer {
     /// Uses `flag` as the stop flag (one shared with a signal handler).
     pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
         self.stop = flag;
+    }
+
+    /// The run this trainer continues or started (checkpoints carry it; pruning keeps to it).
+    pub fn run_id(&self) -> Option<&str> {
+        self.run_id.as_deref()
+    }
+
+    fn create_run_dir(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.run_dir).map_err(|e| TrainError::Io {
+            path: self.run_dir.clone(),
+            source: e,
+        })
     }
 
     /// The model being trained.
@@ -384,9 +427,13 @@ impl Trainer {
                 Sampler::LossSecondMoment(s) => Some(s.clone()),
                 Sampler::Uniform(_) => None,
             },
+            run_id: self.run_id.clone(),
+            data_len: Some(self.data.len),
+            log_window: Some(self.log.clone()),
         };
+        self.create_run_dir()?;
         let ck = |e: ddpm_unet::UNetError| TrainError::Checkpoint(e.to_string());
-        let dir = checkpoint::write_checkpoint_dir(&self.run_dir, self.step, |d| {
+        let dir = crate::run_folder::write_checkpoint_dir(&self.run_dir, self.step, |d| {
             self.store
                 .save_safetensors(&d.join(checkpoint::MODEL_FILE))
                 .map_err(ck)?;
@@ -409,7 +456,12 @@ impl Trainer {
                 source: e,
             })
         })?;
-        checkpoint::prune_checkpoints(&self.run_dir, self.cfg.keep_checkpoints)?;
+        crate::run_folder::prune_checkpoints(
+            &self.run_dir,
+            self.run_id.as_deref(),
+            self.step,
+            self.cfg.keep_checkpoints,
+        )?;
         Ok(dir)
     }
 
@@ -435,15 +487,11 @@ impl Trainer {
 
     /// Trains until `cfg.steps`, logging, saving and sampling along the way.
     pub fn run(&mut self, progress: bool) -> Result<RunOutcome> {
-        let metrics_path = self.run_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| TrainError::Io {
-                path: metrics_path.clone(),
-                source: e,
-            })?;
+        self.create_run_dir()?;
+        for name in crate::run_folder::clean_stale_temporaries(&self.run_dir)? {
+            tracing::info!("removed {name}, left by an interrupted save");
+        }
+        let mut metrics = crate::run_folder::MetricsLog::open(&self.run_dir, self.step)?;
         let bar = if progress {
             let b = indicatif::ProgressBar::new(self.cfg.steps);
             b.set_style(
@@ -457,9 +505,9 @@ impl Trainer {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let mut log = LogAccum::new(self.diffusion.num_timesteps());
         let mut last_saved = None;
         let mut window = Instant::now();
+        let mut window_images = 0usize;
         while self.step < self.cfg.steps {
             if self.stop.load(Ordering::SeqCst) {
                 let dir = self.save()?;
@@ -467,12 +515,16 @@ impl Trainer {
                 return Ok(RunOutcome::Interrupted(dir));
             }
             let stats = self.train_step()?;
-            log.add(&stats);
+            self.log.add(&stats, self.diffusion.num_timesteps());
+            window_images += stats.per_example.len();
             bar.set_position(self.step);
             bar.set_message(format!("loss {:.4}", stats.loss));
             if self.step.is_multiple_of(self.cfg.log_interval) {
                 let secs = window.elapsed().as_secs_f64();
-                let record = log.finish(self.step, stats.lr, log.images as f64 / secs);
+                // The speed of this process's steps only (a resumed window began before it).
+                let record = self
+                    .log
+                    .finish(self.step, stats.lr, window_images as f64 / secs);
                 tracing::info!(
                     "step {} loss {:.4} mse {:.4} vb {:.4} grad {:.3} lr {:.2e} {:.1} img/s",
                     self.step,
@@ -483,12 +535,10 @@ impl Trainer {
                     stats.lr,
                     record["images_per_sec"].as_f64().unwrap_or(f64::NAN),
                 );
-                writeln!(metrics, "{record}").map_err(|e| TrainError::Io {
-                    path: metrics_path.clone(),
-                    source: e,
-                })?;
-                log = LogAccum::new(self.diffusion.num_timesteps());
+                metrics.append(&record)?;
+                self.log = LogWindow::default();
                 window = Instant::now();
+                window_images = 0;
             }
             if self.step.is_multiple_of(self.cfg.save_interval) {
                 last_saved = Some(self.save()?);
@@ -553,39 +603,35 @@ pub fn sample_images(
     Ok(out)
 }
 
-/// Accumulates step statistics between two log lines.
-struct LogAccum {
-    num_timesteps: usize,
-    steps: u64,
-    images: usize,
-    sums: HashMap<String, (f64, usize)>,
-    grad_norm: f64,
+/// The statistics of the steps since the last metrics row (saved in checkpoints, so that a
+/// resumed run logs the rows an uninterrupted one does).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogWindow {
+    /// Steps in the window.
+    pub steps: u64,
+    /// Images in the window.
+    pub images: usize,
+    /// Sum and count of each logged term.
+    pub sums: std::collections::BTreeMap<String, (f64, usize)>,
+    /// Sum of the steps' gradient norms.
+    pub grad_norm: f64,
 }
 
-impl LogAccum {
-    fn new(num_timesteps: usize) -> Self {
-        Self {
-            num_timesteps,
-            steps: 0,
-            images: 0,
-            sums: HashMap::new(),
-            grad_norm: 0.0,
-        }
-    }
-
+impl LogWindow {
     fn push(&mut self, key: String, v: f64) {
         let e = self.sums.entry(key).or_insert((0.0, 0));
         e.0 += v;
         e.1 += 1;
     }
 
-    fn add(&mut self, s: &StepStats) {
+    fn add(&mut self, s: &StepStats, num_timesteps: usize) {
         self.steps += 1;
         self.images += s.per_example.len();
         self.grad_norm += s.grad_norm;
         for &(t, loss, mse, vb) in &s.per_example {
             // The original logs each term per quarter of the schedule (q0 = the noiseless end).
-            let q = (4 * t / self.num_timesteps).min(3);
+            let q = (4 * t / num_timesteps).min(3);
             for (name, v) in [("loss", Some(loss)), ("mse", mse), ("vb", vb)] {
                 if let Some(v) = v {
                     self.push(name.to_string(), v);
@@ -595,13 +641,11 @@ impl LogAccum {
         }
     }
 
+    /// The metrics row at `step`.
     fn finish(&self, step: u64, lr: f64, images_per_sec: f64) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("step".into(), step.into());
-        let mut keys: Vec<&String> = self.sums.keys().collect();
-        keys.sort();
-        for k in keys {
-            let (s, n) = self.sums[k];
+        for (k, &(s, n)) in &self.sums {
             m.insert(k.clone(), (s / n as f64).into());
         }
         m.insert(
@@ -612,4 +656,13 @@ impl LogAccum {
         m.insert("images_per_sec".into(), images_per_sec.into());
         serde_json::Value::Object(m)
     }
+}
+
+/// A run id that differs between runs (the clock, the process and the seed).
+fn new_run_id(seed: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mix = (nanos as u64) ^ (u64::from(std::process::id()) << 32) ^ seed.rotate_left(17);
+    format!("{mix:016x}")
 }

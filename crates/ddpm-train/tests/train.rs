@@ -1,8 +1,9 @@
 //! Training-loop behaviour: exact resume, NaN guard, Ctrl-C, checkpoints, and real MNIST.
 
 use candle_core::{Device, Tensor};
-use ddpm_train::checkpoint::{list_checkpoints, CheckpointMeta};
+use ddpm_train::checkpoint::CheckpointMeta;
 use ddpm_train::data::{IdxArray, ImageDataset};
+use ddpm_train::run_folder::list_checkpoints;
 use ddpm_train::{DiffusionSettings, RunOutcome, Split, TrainConfig, TrainError, Trainer};
 use ddpm_unet::UNetConfig;
 use std::path::{Path, PathBuf};
