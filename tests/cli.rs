@@ -12,19 +12,16 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
     );
     // Resume to step 4.
     let out = root.path().join("run");
-    let mut args = vec![
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--resume-checkpoint",
-        ckpt.to_str().unwrap(),
-    ];
-    args.extend_from_slice(TINY);
-    ok(&cli(&args));
+    ok(&train(
+        &data,
+        &out,
+        &[
+            "--steps",
+            "4",
+            "--resume-checkpoint",
+            ckpt.to_str().unwrap(),
+        ],
+    ));
     let ck4 = out.join("checkpoint-0000004");
     assert!(ck4.join("config.json").exists());
     // Sample twice with the same seed: byte-identical files.

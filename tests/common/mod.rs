@@ -84,25 +84,32 @@ pub const TINY: &[&str] = &[
     "--no-progress",
 ];
 
+/// `ddpm-cli train` on `data` into `out` with the tiny model and `extra` flags (later flags
+/// override earlier ones).
+pub fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    train_command(data, out, extra)
+        .output()
+        .expect("ddpm-cli runs")
+}
+
+/// The command of [`train`], to spawn.
+pub fn train_command(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm-cli"));
+    c.args(["train", "--data", data.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .args(TINY)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    c
+}
+
 /// Trains a 2-step model once and returns (data dir, checkpoint dir).
 pub fn trained(root: &Path, class_cond: bool) -> (PathBuf, PathBuf) {
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
     write_data(&data);
     let out = root.join("run");
-    let mut args = vec![
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "2",
-    ];
-    args.extend_from_slice(TINY);
-    if class_cond {
-        args.push("--class-cond");
-    }
-    ok(&cli(&args));
+    let cond: &[&str] = if class_cond { &["--class-cond"] } else { &[] };
+    ok(&train(&data, &out, &[&["--steps", "2"], cond].concat()));
     (data, out.join("checkpoint-0000002"))
 }

@@ -204,21 +204,69 @@ impl TrainArgs {
     }
 }
 
-/// Flags a resumed run takes over from the command line (with a notice): they change how the
-/// rest of the run proceeds, not what was trained so far.
-const APPLIED_ON_RESUME: &[&str] = &[
-    "steps",
-    "lr",
-    "weight_decay",
-    "lr_anneal_steps",
-    "microbatch",
-    "log_interval",
-    "save_interval",
-    "sample_interval",
-    "sample_count",
-    "sample_respacing",
-    "keep_checkpoints",
-    "grad_clip",
+/// A training setting a resumed run takes over from the command line: its flag id, how it reads
+/// and how it is copied from the flags' config.
+type Applied = (
+    &'static str,
+    fn(&TrainConfig) -> String,
+    fn(&mut TrainConfig, &TrainConfig),
+);
+
+/// The settings a resumed run takes over (with a notice): they change how the rest of the run
+/// proceeds, not what was trained so far.
+const APPLIED_ON_RESUME: &[Applied] = &[
+    ("steps", |c| c.steps.to_string(), |c, n| c.steps = n.steps),
+    ("lr", |c| c.lr.to_string(), |c, n| c.lr = n.lr),
+    (
+        "weight_decay",
+        |c| c.weight_decay.to_string(),
+        |c, n| c.weight_decay = n.weight_decay,
+    ),
+    (
+        "lr_anneal_steps",
+        |c| c.lr_anneal_steps.to_string(),
+        |c, n| c.lr_anneal_steps = n.lr_anneal_steps,
+    ),
+    (
+        "microbatch",
+        |c| c.microbatch.to_string(),
+        |c, n| c.microbatch = n.microbatch,
+    ),
+    (
+        "log_interval",
+        |c| c.log_interval.to_string(),
+        |c, n| c.log_interval = n.log_interval,
+    ),
+    (
+        "save_interval",
+        |c| c.save_interval.to_string(),
+        |c, n| c.save_interval = n.save_interval,
+    ),
+    (
+        "sample_interval",
+        |c| c.sample_interval.to_string(),
+        |c, n| c.sample_interval = n.sample_interval,
+    ),
+    (
+        "sample_count",
+        |c| c.sample_count.to_string(),
+        |c, n| c.sample_count = n.sample_count,
+    ),
+    (
+        "sample_respacing",
+        |c| format!("{:?}", c.sample_respacing),
+        |c, n| c.sample_respacing = n.sample_respacing.clone(),
+    ),
+    (
+        "keep_checkpoints",
+        |c| c.keep_checkpoints.to_string(),
+        |c, n| c.keep_checkpoints = n.keep_checkpoints,
+    ),
+    (
+        "grad_clip",
+        |c| format!("{:?}", c.grad_clip),
+        |c, n| c.grad_clip = n.grad_clip,
+    ),
 ];
 
 /// Flags that say where and how to run, not what to train.
@@ -300,9 +348,9 @@ fn fixed_on_resume(
 }
 
 /// Checks the flags given for a resumed run against its checkpoint: a flag that would change
-/// what was trained is refused (naming it) unless it repeats the checkpoint's value; the ones
-/// in [`APPLIED_ON_RESUME`] are returned, each with a notice, to apply.
-pub fn check_resume_flags(args: &TrainArgs, meta: &CheckpointMeta) -> Result<Vec<String>> {
+/// what was trained is refused (naming it) unless it repeats the checkpoint's value; the
+/// settings of [`APPLIED_ON_RESUME`] that the flags change are returned, each with a notice.
+pub fn check_resume_flags(args: &TrainArgs, meta: &CheckpointMeta) -> Result<Vec<Applied>> {
     let mut applied = Vec::new();
     let new = args.train_config()?;
     for id in &args.explicit {
@@ -311,51 +359,7 @@ pub fn check_resume_flags(args: &TrainArgs, meta: &CheckpointMeta) -> Result<Vec
         if OPERATIONAL.contains(&id) {
             continue;
         }
-        if APPLIED_ON_RESUME.contains(&id) {
-            let (old, now) = match id {
-                "steps" => (meta.train.steps.to_string(), new.steps.to_string()),
-                "lr" => (meta.train.lr.to_string(), new.lr.to_string()),
-                "weight_decay" => (
-                    meta.train.weight_decay.to_string(),
-                    new.weight_decay.to_string(),
-                ),
-                "lr_anneal_steps" => (
-                    meta.train.lr_anneal_steps.to_string(),
-                    new.lr_anneal_steps.to_string(),
-                ),
-                "microbatch" => (
-                    meta.train.microbatch.to_string(),
-                    new.microbatch.to_string(),
-                ),
-                "log_interval" => (
-                    meta.train.log_interval.to_string(),
-                    new.log_interval.to_string(),
-                ),
-                "save_interval" => (
-                    meta.train.save_interval.to_string(),
-                    new.save_interval.to_string(),
-                ),
-                "sample_interval" => (
-                    meta.train.sample_interval.to_string(),
-                    new.sample_interval.to_string(),
-                ),
-                "sample_count" => (
-                    meta.train.sample_count.to_string(),
-                    new.sample_count.to_string(),
-                ),
-                "sample_respacing" => (
-                    format!("{:?}", meta.train.sample_respacing),
-                    format!("{:?}", new.sample_respacing),
-                ),
-                "keep_checkpoints" => (
-                    meta.train.keep_checkpoints.to_string(),
-                    new.keep_checkpoints.to_string(),
-                ),
-                _ => (
-                    format!("{:?}", meta.train.grad_clip),
-                    format!("{:?}", new.grad_clip),
-                ),
-            };
+        if let Some(field) = APPLIED_ON_RESUME.iter().find(|f| f.0 == id) {
             if id == "steps" && new.steps < meta.step {
                 bail!(
                     "--steps {} is below the checkpoint's step {}: nothing to train",
@@ -363,9 +367,10 @@ pub fn check_resume_flags(args: &TrainArgs, meta: &CheckpointMeta) -> Result<Vec
                     meta.step
                 );
             }
+            let (old, now) = (field.1(&meta.train), field.1(&new));
             if old != now {
-                applied.push(id.to_string());
                 tracing::info!("resume: {flag} {now} (the checkpoint had {old})");
+                applied.push(*field);
             }
             continue;
         }
@@ -427,21 +432,8 @@ pub fn run(
             let applied = check_resume_flags(args, &meta)?;
             let cfg = args.train_config()?;
             Trainer::resume(ckpt, data, &args.out, &device, |c| {
-                for id in &applied {
-                    match id.as_str() {
-                        "steps" => c.steps = cfg.steps,
-                        "lr" => c.lr = cfg.lr,
-                        "weight_decay" => c.weight_decay = cfg.weight_decay,
-                        "lr_anneal_steps" => c.lr_anneal_steps = cfg.lr_anneal_steps,
-                        "microbatch" => c.microbatch = cfg.microbatch,
-                        "log_interval" => c.log_interval = cfg.log_interval,
-                        "save_interval" => c.save_interval = cfg.save_interval,
-                        "sample_interval" => c.sample_interval = cfg.sample_interval,
-                        "sample_count" => c.sample_count = cfg.sample_count,
-                        "sample_respacing" => c.sample_respacing = cfg.sample_respacing.clone(),
-                        "keep_checkpoints" => c.keep_checkpoints = cfg.keep_checkpoints,
-                        _ => c.grad_clip = cfg.grad_clip,
-                    }
+                for (_, _, copy) in &applied {
+                    copy(c, &cfg);
                 }
             })?
         }
@@ -478,4 +470,90 @@ pub fn run(
         RunOutcome::Interrupted(d) => tracing::info!("interrupted; checkpoint {}", d.display()),
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Args, Parser};
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn meta_of(args: &TrainArgs) -> CheckpointMeta {
+        CheckpointMeta {
+            model: args.model_config(28).unwrap(),
+            diffusion: args.diffusion(),
+            train: args.train_config().unwrap(),
+            image_size: [28, 28],
+            step: 5,
+            rng: ddpm_train::checkpoint::RngState {
+                seed: 1,
+                word_pos: 0,
+            },
+            data_epoch: 0,
+            data_pos: 0,
+            sampler: None,
+            run_id: None,
+            data_len: None,
+            log_window: None,
+        }
+    }
+
+    /// Every flag of `train` has a rule on resume: applied, operational, or compared.
+    #[test]
+    fn every_train_flag_has_a_rule_on_resume() {
+        let args = Wrapper::parse_from(["t"]).args;
+        let meta = meta_of(&args);
+        let cmd = TrainArgs::augment_args(clap::Command::new("t"));
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            let known = APPLIED_ON_RESUME.iter().any(|f| f.0 == id)
+                || OPERATIONAL.contains(&id)
+                || fixed_on_resume(id, &meta, &args).unwrap().is_some();
+            assert!(known, "--{id} has no rule on resume");
+        }
+    }
+
+    #[test]
+    fn resume_flags_apply_refuse_or_pass() {
+        let base = Wrapper::parse_from(["t"]).args;
+        let meta = meta_of(&base);
+        let check = |argv: &[&str]| {
+            let mut args =
+                Wrapper::parse_from(std::iter::once("t").chain(argv.iter().copied())).args;
+            args.explicit = argv
+                .iter()
+                .filter_map(|a| a.strip_prefix("--"))
+                .map(|a| a.replace('-', "_"))
+                .collect();
+            check_resume_flags(&args, &meta)
+        };
+        let applied = check(&["--lr", "0.05", "--steps", "20000"]).unwrap();
+        let ids: Vec<&str> = applied.iter().map(|f| f.0).collect();
+        assert_eq!(ids, vec!["lr", "steps"]);
+        let mut cfg = meta.train.clone();
+        let new = Wrapper::parse_from(["t", "--lr", "0.05"])
+            .args
+            .train_config()
+            .unwrap();
+        applied[0].2(&mut cfg, &new);
+        assert_eq!(cfg.lr, 0.05);
+        // The checkpoint's own values pass silently; others are refused by name.
+        assert!(check(&["--num-channels", "32", "--lr", "0.0001"])
+            .unwrap()
+            .is_empty());
+        let e = check(&["--num-channels", "64"]).unwrap_err().to_string();
+        assert!(e.contains("--num-channels 64") && e.contains("32"), "{e}");
+        let e = check(&["--attention-resolutions", "14"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--attention-resolutions"), "{e}");
+        assert!(check(&["--attention-resolutions", "7"]).is_ok());
+        let e = check(&["--steps", "4"]).unwrap_err().to_string();
+        assert!(e.contains("below the checkpoint's step 5"), "{e}");
+    }
 }
