@@ -88,7 +88,23 @@ fn a_new_run_refuses_a_folder_holding_another_run() {
     ok(&train(&data, &run, &["--steps", "2", "--overwrite"]));
     assert_eq!(checkpoints(&run), vec!["checkpoint-0000002"]);
     assert_eq!(metrics_rows(&run).len(), 1);
-    // A file where the run folder should be.
+    // A run killed before its first row leaves an empty log: nothing to protect. One killed
+    // after logging but before its first checkpoint can only be overwritten, and says so.
+    let fresh = root.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("metrics.jsonl"), "").unwrap();
+    ok(&train(&data, &fresh, &["--steps", "2"]));
+    let logged = root.path().join("logged");
+    std::fs::create_dir_all(&logged).unwrap();
+    std::fs::write(logged.join("metrics.jsonl"), "{\"step\":2}\n").unwrap();
+    let out = train(&data, &logged, &["--steps", "2"]);
+    fails_with(&out, "saved no checkpoint");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("latest"));
+    // A file where the run folder should be, and a folder that cannot be made.
+    fails_with(
+        &train(&data, Path::new("/proc/no-run-here"), &["--steps", "2"]),
+        "cannot create the run folder /proc/no-run-here",
+    );
     let file = root.path().join("file");
     std::fs::write(&file, "x").unwrap();
     fails_with(&train(&data, &file, &["--steps", "2"]), "is not a folder");
@@ -384,6 +400,12 @@ fn settings_are_validated_before_the_first_step() {
         (&["--lr", "nan"][..], "lr"),
         (&["--weight-decay", "inf"][..], "weight decay"),
         (&["--grad-clip", "nan"][..], "grad clip"),
+        (&["--grad-clip", "-1"][..], "grad clip -1"),
+        (&["--ema-rate", "0.9,0.9"][..], "given twice"),
+        (
+            &["--diffusion-steps", "1"][..],
+            "at least 2 diffusion steps",
+        ),
     ] {
         let run = root.path().join("r");
         let mut f = vec!["--steps", "4"];
@@ -425,19 +447,21 @@ fn settings_are_validated_before_the_first_step() {
         ]),
         "is a folder",
     );
-    fails_with(
-        &cli(&[
-            "sample",
-            "--checkpoint",
-            c,
-            "--ddim",
-            "--eta",
-            "nan",
-            "--out",
-            "x.png",
-        ]),
-        "--eta",
-    );
+    for eta in ["nan", "1.5", "-0.5"] {
+        fails_with(
+            &cli(&[
+                "sample",
+                "--checkpoint",
+                c,
+                "--ddim",
+                "--eta",
+                eta,
+                "--out",
+                "x.png",
+            ]),
+            "between 0 and 1",
+        );
+    }
 }
 
 /// Item 7: a resumed run applies the flags that are sound to change (with a notice) and refuses
@@ -672,5 +696,6 @@ fn messages_name_the_real_problem() {
     ]));
     let report = json_line(&out);
     assert_eq!(report["num"].as_u64(), Some(20));
+    assert_eq!(report["test_images"].as_u64(), Some(8));
     assert_eq!(report["real_train_images"]["num"].as_u64(), Some(16));
 }

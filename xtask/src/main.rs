@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", ddpm_cli::error_message(&e));
             ExitCode::FAILURE
         }
     }

@@ -108,6 +108,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     let report = serde_json::json!({
         "checkpoint": args.checkpoint.display().to_string(),
         "num": args.num,
+        "test_images": test.len,
         "respacing": args.respacing,
         "samples": {
             "frechet_distance": frechet_distance(&f_gen, &f_test),
@@ -125,13 +126,14 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         println!("{report}");
     } else {
         println!(
-            "{} samples ({} steps) scored by the MNIST classifier against the 10,000 test images",
+            "{} samples ({} steps) scored by the MNIST classifier against the {} test images",
             args.num,
             if args.respacing.is_empty() {
                 "all".to_string()
             } else {
                 args.respacing.clone()
-            }
+            },
+            test.len
         );
         println!(
             "{:<26} {:>12} {:>12}",

@@ -57,6 +57,22 @@ pub fn explicit_flags(cmd: &clap::Command, m: &clap::ArgMatches) -> Vec<String> 
         .collect()
 }
 
+/// An error and its causes on one line, each cause once: library errors often print their
+/// source in their own message, which `{:#}` would then repeat.
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg += ": ";
+            }
+            msg += &text;
+        }
+    }
+    msg
+}
+
 /// Parses `--device`: `cpu`, `cuda`, `cuda:N` or `metal`.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {

@@ -21,13 +21,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a diffusion model (flags as improved-diffusion's image_train.py).
-    #[command(args_override_self = true)]
+    #[command(args_override_self = true, allow_negative_numbers = true)]
     Train(ddpm_cli::train::TrainArgs),
     /// Sample images from a checkpoint: PNG grid, npz, GIF of the chain.
+    #[command(allow_negative_numbers = true)]
     Sample(ddpm_cli::sample::SampleArgs),
     /// Bits/dim (the variational bound) of a checkpoint on a data split.
+    #[command(allow_negative_numbers = true)]
     Nll(ddpm_cli::nll::NllArgs),
     /// Sample quality on MNIST: Fréchet distance and Inception Score from a digit classifier.
+    #[command(allow_negative_numbers = true)]
     Eval(ddpm_cli::eval::EvalArgs),
 }
 
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", ddpm_cli::error_message(&e));
             ExitCode::FAILURE
         }
     }

@@ -95,8 +95,13 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
     if !matches!(args.gif_show.as_str(), "xt" | "x0" | "both") {
         bail!("--gif-show must be xt, x0 or both, not {:?}", args.gif_show);
     }
-    if !(args.eta >= 0.0 && args.eta.is_finite()) {
-        bail!("--eta {} must be a finite number, 0 or more", args.eta);
+    // DDIM's eta runs from 0 (deterministic) to 1 (the DDPM posterior's noise); above 1 the
+    // step's noise outgrows what the schedule leaves and the mean takes the root of a negative.
+    if !(0.0..=1.0).contains(&args.eta) {
+        bail!("--eta {} must be between 0 and 1", args.eta);
+    }
+    if args.eta != 0.0 && !args.ddim {
+        tracing::warn!("--eta {} has no effect without --ddim", args.eta);
     }
     // Outputs are checked before the sampling, which can take hours, not after it.
     for (flag, path) in [

@@ -87,7 +87,7 @@ pub struct TrainArgs {
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 1000)]
     pub save_interval: u64,
-    /// Steps between sample grids (0 = none until the end).
+    /// Steps between sample grids (0 = none).
     #[arg(long, default_value_t = 1000)]
     pub sample_interval: u64,
     /// Respacing for the sample grids.
@@ -206,7 +206,7 @@ impl TrainArgs {
 
 /// A training setting a resumed run takes over from the command line: its flag id, how it reads
 /// and how it is copied from the flags' config.
-type Applied = (
+pub type Applied = (
     &'static str,
     fn(&TrainConfig) -> String,
     fn(&mut TrainConfig, &TrainConfig),
@@ -214,7 +214,7 @@ type Applied = (
 
 /// The settings a resumed run takes over (with a notice): they change how the rest of the run
 /// proceeds, not what was trained so far.
-const APPLIED_ON_RESUME: &[Applied] = &[
+pub const APPLIED_ON_RESUME: &[Applied] = &[
     ("steps", |c| c.steps.to_string(), |c, n| c.steps = n.steps),
     ("lr", |c| c.lr.to_string(), |c, n| c.lr = n.lr),
     (
@@ -264,13 +264,13 @@ const APPLIED_ON_RESUME: &[Applied] = &[
     ),
     (
         "grad_clip",
-        |c| format!("{:?}", c.grad_clip),
+        |c| c.grad_clip.map_or_else(|| "none".into(), |v| v.to_string()),
         |c, n| c.grad_clip = n.grad_clip,
     ),
 ];
 
 /// Flags that say where and how to run, not what to train.
-const OPERATIONAL: &[&str] = &[
+pub const OPERATIONAL: &[&str] = &[
     "data",
     "out",
     "resume_checkpoint",

@@ -75,7 +75,7 @@ pub enum TrainError {
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// The loss or gradient became NaN or infinite.
-    #[error("non-finite loss or gradient ({loss}) at step {step}; stopping, the last checkpoint is kept")]
+    #[error("non-finite loss or gradient ({loss}) at step {step}; stopping (checkpoints already written are kept)")]
     NonFinite {
         /// The step that failed.
         step: u64,

@@ -304,23 +304,27 @@ pub fn prepare_run_folder(
         })
         .map(|(d, _)| d)
         .collect();
-    let stale_metrics = resuming.is_none() && contents.metrics;
+    // An empty log (a run killed before its first row) holds nothing to lose.
+    let stale_metrics = resuming.is_none()
+        && contents.metrics
+        && std::fs::metadata(run_dir.join(METRICS_FILE)).is_ok_and(|m| m.len() > 0);
     if !foreign.is_empty() || stale_metrics {
         if !overwrite {
-            let what = if foreign.is_empty() {
-                format!("{METRICS_FILE} of an earlier run")
+            let folder = run_dir.display();
+            return Err(TrainError::Config(if foreign.is_empty() {
+                format!(
+                    "the run folder {folder} already holds {METRICS_FILE} of an earlier run that \
+                     saved no checkpoint; choose another --out, or pass --overwrite to delete it"
+                )
             } else {
                 format!(
-                    "{} checkpoint(s) of another run (e.g. {})",
+                    "the run folder {folder} already holds {} checkpoint(s) of another run (e.g. \
+                     {}); resume it with --resume-checkpoint latest, choose another --out, or \
+                     pass --overwrite to delete the earlier run",
                     foreign.len(),
                     foreign[0].display()
                 )
-            };
-            return Err(TrainError::Config(format!(
-                "the run folder {} already holds {what}; resume it with --resume-checkpoint \
-                 latest, choose another --out, or pass --overwrite to delete the earlier run",
-                run_dir.display()
-            )));
+            }));
         }
         for d in foreign {
             remove_checkpoint_dir(d)?;
@@ -342,9 +346,14 @@ pub fn prepare_run_folder(
             run_dir.display()
         );
     }
-    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    std::fs::create_dir_all(run_dir).map_err(|e| {
+        TrainError::Config(format!(
+            "cannot create the run folder {}: {e}",
+            run_dir.display()
+        ))
+    })?;
     for name in clean_stale_temporaries(run_dir)? {
-        tracing::info!("removed {name}, left by an interrupted save");
+        tracing::info!("removed {name}, left by an interrupted save or prune");
     }
     Ok(())
 }

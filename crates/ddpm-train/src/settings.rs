@@ -176,6 +176,11 @@ impl TrainConfig {
         if let Some(r) = self.ema_rate.iter().find(|r| !(0.0..1.0).contains(*r)) {
             return fail(format!("ema rate {r} must be in [0, 1)"));
         }
+        for (i, r) in self.ema_rate.iter().enumerate() {
+            if self.ema_rate[..i].contains(r) {
+                return fail(format!("ema rate {r} is given twice"));
+            }
+        }
         if self.log_interval == 0 || self.save_interval == 0 {
             return fail("log_interval and save_interval must be positive".into());
         }
@@ -259,6 +264,7 @@ mod tests {
         assert!(e(|c| c.grad_clip = Some(f64::INFINITY)).contains("grad clip"));
         assert!(e(|c| c.grad_clip = Some(f64::NAN)).contains("grad clip"));
         assert!(e(|c| c.ema_rate = vec![f64::NAN]).contains("ema rate"));
+        assert!(e(|c| c.ema_rate = vec![0.9, 0.99, 0.9]).contains("0.9 is given twice"));
         assert!(e(|c| {
             c.sample_interval = 10;
             c.sample_count = 0

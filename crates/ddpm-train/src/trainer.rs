@@ -113,8 +113,17 @@ impl Trainer {
             )));
         }
         let diffusion = GaussianDiffusion::new(&diffusion_settings.to_config(Some(""))?)?;
+        if diffusion_settings.learn_sigma && diffusion.num_timesteps() < 2 {
+            // The learned range spans posterior variance to beta; with one step the posterior
+            // variance is 0 and its log is -inf.
+            return Err(TrainError::Config(
+                "a learned variance (learn_sigma) needs at least 2 diffusion steps".into(),
+            ));
+        }
         if cfg.sample_interval > 0 {
-            // The sample grids' settings are checked now, not at the first grid.
+            // The sample grids' settings are checked now, not at the first grid (and only when
+            // grids are drawn: a run without them may keep the default respacing whatever its
+            // number of steps).
             GaussianDiffusion::new(&diffusion_settings.to_config(Some(&cfg.sample_respacing))?)
                 .map_err(|e| {
                     TrainError::Config(format!("sample respacing {:?}: {e}", cfg.sample_respacing))
@@ -489,7 +498,7 @@ impl Trainer {
     pub fn run(&mut self, progress: bool) -> Result<RunOutcome> {
         self.create_run_dir()?;
         for name in crate::run_folder::clean_stale_temporaries(&self.run_dir)? {
-            tracing::info!("removed {name}, left by an interrupted save");
+            tracing::info!("removed {name}, left by an interrupted save or prune");
         }
         let mut metrics = crate::run_folder::MetricsLog::open(&self.run_dir, self.step)?;
         let bar = if progress {

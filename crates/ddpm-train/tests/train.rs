@@ -135,7 +135,9 @@ fn a_non_finite_loss_stops_and_keeps_the_last_checkpoint() {
         matches!(err, TrainError::NonFinite { step: 3, .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("last checkpoint is kept"));
+    assert!(err
+        .to_string()
+        .contains("checkpoints already written are kept"));
     assert_eq!(
         list_checkpoints(dir.path())
             .iter()

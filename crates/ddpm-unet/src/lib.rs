@@ -78,19 +78,36 @@ fn describe_mismatch(
     unexpected: &[String],
     mismatched: &[(String, Vec<usize>, Vec<usize>)],
 ) -> String {
+    // A few names of each kind: a wrong config mismatches every tensor, and a message of
+    // thousands of names helps nobody.
+    const SHOWN: usize = 4;
+    let some = |names: &[String]| {
+        let mut s = names
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if names.len() > SHOWN {
+            s += &format!(", ... ({} more)", names.len() - SHOWN);
+        }
+        s
+    };
     let mut s = String::new();
     if !missing.is_empty() {
-        s += &format!(" missing {}: {};", missing.len(), missing.join(", "));
+        s += &format!(" missing {}: {};", missing.len(), some(missing));
     }
     if !unexpected.is_empty() {
-        s += &format!(
-            " unexpected {}: {};",
-            unexpected.len(),
-            unexpected.join(", ")
-        );
+        s += &format!(" unexpected {}: {};", unexpected.len(), some(unexpected));
     }
-    for (name, want, got) in mismatched {
+    for (name, want, got) in mismatched.iter().take(SHOWN) {
         s += &format!(" {name} has shape {got:?} in the file but {want:?} in the model;");
+    }
+    if mismatched.len() > SHOWN {
+        s += &format!(
+            " and {} more tensors of other shapes;",
+            mismatched.len() - SHOWN
+        );
     }
     s.pop();
     s

@@ -166,6 +166,20 @@ fn mismatched_weight_files_name_every_problem_and_change_nothing() {
         msg.contains("out.2.weight has shape [2, 32, 1, 1] in the file but [2, 32, 3, 3]"),
         "{msg}"
     );
+    // A file of another configuration mismatches every tensor: a few are named, not all.
+    let (wide, _) = build(
+        &UNetConfig {
+            model_channels: 64,
+            ..small_cfg()
+        },
+        3,
+    );
+    ddpm_unet::write_safetensors(&wide.tensors().unwrap(), &path).unwrap();
+    let msg = store.load_safetensors(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("more tensors of other shapes") && msg.len() < 1000,
+        "{msg}"
+    );
     let after = store.tensors().unwrap();
     assert_eq!(
         max_diff(
