@@ -378,7 +378,7 @@ fn killed_at_random_points_training_ends_as_if_never_interrupted() {
     let hidden: Vec<String> = std::fs::read_dir(&run)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with('.'))
+        .filter(|n| n.starts_with('.') && n != ".lock")
         .collect();
     assert!(hidden.is_empty(), "temporaries left: {hidden:?}");
 }
@@ -599,7 +599,9 @@ fn metrics_rows_are_whole_increasing_and_match_an_uninterrupted_run() {
     let mut f = vec!["--steps", "9"];
     f.extend_from_slice(&flags);
     ok(&train(&data, &run, &f));
-    // A crash that replays: resume from step 3 (rows 4 and 8 exist) after a cut line.
+    // A crash that replays: resume from step 3 (rows 4 and 8 exist) after a cut line. The
+    // newer checkpoints of the run are another line of training: resuming an older one needs
+    // --overwrite to drop them (without, it is refused).
     let mut m = std::fs::OpenOptions::new()
         .append(true)
         .open(run.join("metrics.jsonl"))
@@ -615,6 +617,8 @@ fn metrics_rows_are_whole_increasing_and_match_an_uninterrupted_run() {
         ck3.to_str().unwrap(),
     ];
     f.extend_from_slice(&flags);
+    fails_with(&train(&data, &run, &f), "newer than the one resumed");
+    f.push("--overwrite");
     ok(&train(&data, &run, &f));
     let rows = metrics_rows(&run);
     let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();

@@ -174,9 +174,17 @@ impl TrainArgs {
         }
     }
 
-    /// The training settings.
+    /// The training settings, validated.
     pub fn train_config(&self) -> Result<TrainConfig> {
-        let cfg = TrainConfig {
+        let cfg = self.train_config_unchecked()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The training settings as the flags give them, not yet validated: on resume only the
+    /// given flags count, and they are validated together with the checkpoint's other values.
+    pub fn train_config_unchecked(&self) -> Result<TrainConfig> {
+        Ok(TrainConfig {
             batch_size: self.batch_size,
             microbatch: if self.microbatch <= 0 {
                 0
@@ -198,9 +206,7 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             class_cond: self.class_cond,
             seed: self.seed,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        })
     }
 }
 
@@ -303,15 +309,14 @@ fn fixed_on_resume(
             ),
         ),
         "attention_resolutions" => {
+            // A set of resolutions: the order they are written in does not matter.
             let size = meta.image_size[0];
-            let to_res = |ds: &[usize]| -> Vec<usize> { ds.iter().map(|d| size / d).collect() };
-            pair(
-                format!("{:?}", to_res(&m.attention_resolutions)),
-                format!(
-                    "{:?}",
-                    parse_list::<usize>(&args.attention_resolutions, "--attention-resolutions")?
-                ),
-            )
+            let mut had: Vec<usize> = m.attention_resolutions.iter().map(|d| size / d).collect();
+            let mut now =
+                parse_list::<usize>(&args.attention_resolutions, "--attention-resolutions")?;
+            had.sort_unstable();
+            now.sort_unstable();
+            pair(format!("{had:?}"), format!("{now:?}"))
         }
         "num_heads" => pair(m.num_heads.to_string(), args.num_heads.to_string()),
         "use_scale_shift_norm" => pair(
@@ -352,7 +357,7 @@ fn fixed_on_resume(
 /// settings of [`APPLIED_ON_RESUME`] that the flags change are returned, each with a notice.
 pub fn check_resume_flags(args: &TrainArgs, meta: &CheckpointMeta) -> Result<Vec<Applied>> {
     let mut applied = Vec::new();
-    let new = args.train_config()?;
+    let new = args.train_config_unchecked()?;
     for id in &args.explicit {
         let id = id.as_str();
         let flag = format!("--{}", id.replace('_', "-"));
@@ -430,7 +435,7 @@ pub fn run(
         Some(ckpt) => {
             let meta = CheckpointMeta::read(ckpt)?;
             let applied = check_resume_flags(args, &meta)?;
-            let cfg = args.train_config()?;
+            let cfg = args.train_config_unchecked()?;
             Trainer::resume(ckpt, data, &args.out, &device, |c| {
                 for (_, _, copy) in &applied {
                     copy(c, &cfg);
@@ -450,11 +455,15 @@ pub fn run(
         }
     };
     // Every setting is checked by now; only then may --overwrite delete an earlier run.
-    ddpm_train::run_folder::prepare_run_folder(
+    let lock = ddpm_train::run_folder::prepare_run_folder(
         &args.out,
-        resume.as_ref().map(|_| trainer.run_id()),
+        resume.as_ref().map(|_| ddpm_train::run_folder::Resuming {
+            run_id: trainer.run_id(),
+            step: trainer.step,
+        }),
         args.overwrite,
     )?;
+    trainer.hold_lock(lock);
     if let Some(stop) = stop {
         trainer.set_stop_flag(stop);
     }
@@ -555,5 +564,21 @@ mod tests {
         assert!(check(&["--attention-resolutions", "7"]).is_ok());
         let e = check(&["--steps", "4"]).unwrap_err().to_string();
         assert!(e.contains("below the checkpoint's step 5"), "{e}");
+        // Resolutions are a set; and flags are judged with the checkpoint's other values, not
+        // with the defaults of the flags not given.
+        assert!(check(&["--attention-resolutions", "7,14"]).is_err());
+        let mut big = meta.clone();
+        big.train.batch_size = 256;
+        big.model.attention_resolutions = vec![2, 4];
+        let mut args = Wrapper::parse_from([
+            "t",
+            "--microbatch",
+            "128",
+            "--attention-resolutions",
+            "7,14",
+        ])
+        .args;
+        args.explicit = vec!["microbatch".into(), "attention_resolutions".into()];
+        assert_eq!(check_resume_flags(&args, &big).unwrap().len(), 1);
     }
 }

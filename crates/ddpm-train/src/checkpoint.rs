@@ -121,18 +121,20 @@ pub fn load_model(
     ema: Option<&str>,
     device: &candle_core::Device,
 ) -> Result<LoadedModel> {
-    let meta = CheckpointMeta::read(dir)?;
+    // Damage first: a damaged config.json is named as damage, not as a bad setting.
     crate::run_folder::verify_checkpoint(dir)?;
+    let meta = CheckpointMeta::read(dir)?;
     let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
     let file = match ema {
         Some("") => MODEL_FILE.to_string(),
         Some(rate) => {
-            let f = ema_file(rate);
-            let known = have.iter().any(|h| h == rate)
-                || rate
-                    .parse::<f64>()
-                    .is_ok_and(|r| meta.train.ema_rate.contains(&r));
-            if !known {
+            // The rate as the run named its file ("0.99990" is the run's 0.9999).
+            let known = meta
+                .train
+                .ema_rate
+                .iter()
+                .find(|r| r.to_string() == rate || rate.parse::<f64>().is_ok_and(|x| x == **r));
+            let Some(r) = known else {
                 return Err(TrainError::Checkpoint(format!(
                     "{} has no EMA at rate {rate} (it has: {}; --ema model takes the raw weights)",
                     dir.display(),
@@ -142,8 +144,8 @@ pub fn load_model(
                         have.join(", ")
                     }
                 )));
-            }
-            f
+            };
+            ema_file(&r.to_string())
         }
         // The first EMA the run kept; the raw weights only for a run that kept none.
         None => match have.first() {

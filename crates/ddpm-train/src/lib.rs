@@ -3,7 +3,8 @@
 //! The pieces of improved-diffusion's `train_util.py`, `resample.py` and `image_datasets.py`,
 //! for Candle: an IDX reader for MNIST-style data sets, the uniform and loss-second-moment
 //! timestep samplers, AdamW with saved state, exponential moving averages of the weights,
-//! atomic checkpoints, and a training loop that resumes exactly.
+//! crash-consistent checkpoints in run folders that belong to one run ([`run_folder`]), and a
+//! training loop that resumes exactly, metrics rows included.
 
 pub mod checkpoint;
 

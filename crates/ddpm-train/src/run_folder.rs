@@ -180,10 +180,22 @@ pub fn clean_stale_temporaries(run_dir: &Path) -> Result<Vec<String>> {
         let Ok(name) = e.file_name().into_string() else {
             continue;
         };
-        if name.starts_with(".checkpoint-") && e.path().is_dir() {
-            std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
-            removed.push(name);
+        if !(name.starts_with(".checkpoint-") && e.path().is_dir()) {
+            continue;
         }
+        // `.checkpoint-N.oldPID` is a complete checkpoint moved aside while a rewrite of the
+        // same step took its name; if the rewrite never arrived, it is the only copy: restore it.
+        if let Some((base, _)) = name[1..].split_once(".old") {
+            let final_dir = run_dir.join(base);
+            if !final_dir.exists() {
+                std::fs::rename(e.path(), &final_dir).map_err(io(&final_dir))?;
+                fsync_path(run_dir)?;
+                tracing::warn!("restored {base} from {name}, left by an interrupted rewrite");
+                continue;
+            }
+        }
+        std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+        removed.push(name);
     }
     removed.sort();
     Ok(removed)
@@ -240,12 +252,17 @@ pub fn prune_checkpoints(
     step: u64,
     keep: usize,
 ) -> Result<()> {
+    // A run without an id (resumed from a checkpoint written before run ids) cannot tell its
+    // checkpoints from any other folder's: it prunes nothing rather than guess.
+    let Some(run_id) = run_id else {
+        return Ok(());
+    };
     if keep == 0 {
         return Ok(());
     }
     let own: Vec<(u64, PathBuf)> = list_checkpoints(run_dir)
         .into_iter()
-        .filter(|(s, d)| *s <= step && run_id_of(d).as_deref() == run_id)
+        .filter(|(s, d)| *s <= step && run_id_of(d).as_deref() == Some(run_id))
         .collect();
     for (s, dir) in own.iter().take(own.len().saturating_sub(keep)) {
         if *s < step {
@@ -285,38 +302,93 @@ pub fn folder_contents(run_dir: &Path) -> Result<FolderContents> {
     })
 }
 
-/// Makes `run_dir` ready for a run: a fresh run (`resuming` None) needs a folder without
-/// another run's checkpoints or metrics, a resumed one a folder whose checkpoints are its own.
-/// With `overwrite`, the earlier runs' checkpoints, metrics and sample grids are deleted
-/// instead. Stale temporaries of interrupted saves are removed either way.
+/// The run a folder is prepared for when it resumes: the run's id and the step resumed from.
+#[derive(Debug, Clone, Copy)]
+pub struct Resuming<'a> {
+    /// The resumed checkpoint's run id (`None` for checkpoints written before run ids).
+    pub run_id: Option<&'a str>,
+    /// The resumed checkpoint's step.
+    pub step: u64,
+}
+
+/// An exclusive lock on a run folder (`.lock` inside it), held while a process trains there:
+/// a second process cannot clean up or overwrite the first one's saves.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir` (which must exist), or says that another process holds it.
+    pub fn acquire(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::Config(format!(
+                "another process is training in {}; wait for it or choose another --out",
+                run_dir.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(TrainError::Io { path, source: e }),
+        }
+    }
+}
+
+/// Makes `run_dir` ready for a run and locks it. A fresh run (`resuming` None) needs a folder
+/// without another run's checkpoints or metrics; a resumed one a folder whose checkpoints are
+/// its own and none newer than the step it resumes from (those would be a second line of
+/// training that `latest` could pick up after a crash). With `overwrite`, all of these are
+/// deleted instead (with sample grids, for a fresh run); files that are not run artefacts are
+/// never touched. Stale temporaries of interrupted saves are cleaned up either way.
 pub fn prepare_run_folder(
     run_dir: &Path,
-    resuming: Option<Option<&str>>,
+    resuming: Option<Resuming<'_>>,
     overwrite: bool,
-) -> Result<()> {
+) -> Result<RunLock> {
     let contents = folder_contents(run_dir)?;
+    // Locked before anything is deleted: another process training here keeps its files.
+    std::fs::create_dir_all(run_dir).map_err(|e| {
+        TrainError::Config(format!(
+            "cannot create the run folder {}: {e}",
+            run_dir.display()
+        ))
+    })?;
+    let lock = RunLock::acquire(run_dir)?;
+    let own = |id: &Option<String>| resuming.is_some_and(|r| id.as_deref() == r.run_id);
     let foreign: Vec<&PathBuf> = contents
         .checkpoints
         .iter()
-        .filter(|(_, id)| match resuming {
-            None => true,
-            Some(own) => id.as_deref() != own,
-        })
+        .filter(|(_, id)| !own(id))
         .map(|(d, _)| d)
         .collect();
-    // An empty log (a run killed before its first row) holds nothing to lose.
-    let stale_metrics = resuming.is_none()
-        && contents.metrics
+    let newer: Vec<&PathBuf> = match resuming {
+        Some(r) => list_checkpoints(run_dir)
+            .into_iter()
+            .filter(|(s, _)| *s > r.step)
+            .filter_map(|(_, d)| {
+                contents
+                    .checkpoints
+                    .iter()
+                    .find(|(c, id)| *c == d && own(id))
+            })
+            .map(|(d, _)| d)
+            .collect(),
+        None => Vec::new(),
+    };
+    // A log with rows belongs to the run whose checkpoints are here; an empty one (a run killed
+    // before its first row) holds nothing to lose.
+    let logged = contents.metrics
         && std::fs::metadata(run_dir.join(METRICS_FILE)).is_ok_and(|m| m.len() > 0);
-    if !foreign.is_empty() || stale_metrics {
+    let stale_metrics = logged && !contents.checkpoints.iter().any(|(_, id)| own(id));
+    if !foreign.is_empty() || !newer.is_empty() || stale_metrics {
         if !overwrite {
             let folder = run_dir.display();
-            return Err(TrainError::Config(if foreign.is_empty() {
-                format!(
-                    "the run folder {folder} already holds {METRICS_FILE} of an earlier run that \
-                     saved no checkpoint; choose another --out, or pass --overwrite to delete it"
-                )
-            } else {
+            return Err(TrainError::Config(if !foreign.is_empty() {
                 format!(
                     "the run folder {folder} already holds {} checkpoint(s) of another run (e.g. \
                      {}); resume it with --resume-checkpoint latest, choose another --out, or \
@@ -324,9 +396,23 @@ pub fn prepare_run_folder(
                     foreign.len(),
                     foreign[0].display()
                 )
+            } else if !newer.is_empty() {
+                format!(
+                    "the run folder {folder} holds {} checkpoint(s) of this run newer than the one \
+                     resumed (e.g. {}); resume the newest with --resume-checkpoint latest, or pass \
+                     --overwrite to delete the newer ones and continue from this one",
+                    newer.len(),
+                    newer[0].display()
+                )
+            } else {
+                format!(
+                    "the run folder {folder} already holds {METRICS_FILE} of an earlier run that \
+                     saved no checkpoint here; choose another --out, or pass --overwrite to \
+                     delete it"
+                )
             }));
         }
-        for d in foreign {
+        for d in foreign.iter().chain(&newer) {
             remove_checkpoint_dir(d)?;
         }
         if stale_metrics {
@@ -342,20 +428,14 @@ pub fn prepare_run_folder(
             }
         }
         tracing::warn!(
-            "--overwrite: deleted the earlier run in {}",
+            "--overwrite: deleted the earlier run's files in {}",
             run_dir.display()
         );
     }
-    std::fs::create_dir_all(run_dir).map_err(|e| {
-        TrainError::Config(format!(
-            "cannot create the run folder {}: {e}",
-            run_dir.display()
-        ))
-    })?;
     for name in clean_stale_temporaries(run_dir)? {
-        tracing::info!("removed {name}, left by an interrupted save or prune");
+        tracing::info!("cleaned up {name}, left by an interrupted save or prune");
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// The metrics log: one JSON object a line, steps strictly increasing, each line whole.
@@ -417,7 +497,17 @@ impl MetricsLog {
         let tmp = path.with_extension("jsonl.tmp");
         std::fs::write(&tmp, kept).map_err(io(&tmp))?;
         fsync_path(&tmp)?;
-        std::fs::rename(&tmp, path).map_err(io(path))
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => fsync_path(dir),
+            _ => Ok(()),
+        }
+    }
+
+    /// Flushes the rows to the disk; called before each checkpoint, so that a checkpoint that
+    /// survives a power cut never has fewer rows before it than were logged.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(io(&self.path))
     }
 
     /// Appends one row whole: a write that fails part-way (a full disk) is cut back off.

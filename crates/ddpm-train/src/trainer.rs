@@ -77,6 +77,9 @@ pub struct Trainer {
     run_dir: PathBuf,
     run_id: Option<String>,
     log: LogWindow,
+    /// The checkpoint this trainer was resumed from, with its step.
+    resumed_from: Option<(u64, PathBuf)>,
+    lock: Option<crate::run_folder::RunLock>,
     /// Optimiser steps completed.
     pub step: u64,
     stop: Arc<AtomicBool>,
@@ -166,6 +169,8 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             run_id: Some(new_run_id(cfg.seed)),
             log: LogWindow::default(),
+            resumed_from: None,
+            lock: None,
             step: 0,
             stop: Arc::new(AtomicBool::new(false)),
             device: device.clone(),
@@ -250,6 +255,7 @@ impl Trainer {
         t.step = meta.step;
         t.run_id = meta.run_id;
         t.log = meta.log_window.unwrap_or_default();
+        t.resumed_from = Some((meta.step, ckpt.to_path_buf()));
         Ok(t)
     }
 
@@ -266,6 +272,22 @@ impl Trainer {
     /// The run this trainer continues or started (checkpoints carry it; pruning keeps to it).
     pub fn run_id(&self) -> Option<&str> {
         self.run_id.as_deref()
+    }
+
+    /// Hands the trainer the lock of its run folder (from
+    /// [`prepare_run_folder`](crate::run_folder::prepare_run_folder)); without one,
+    /// [`Self::run`] takes it.
+    pub fn hold_lock(&mut self, lock: crate::run_folder::RunLock) {
+        self.lock = Some(lock);
+    }
+
+    /// The checkpoint of the current step when it is already on disk: the resumed one, if no
+    /// step has been trained since and it lies in the run folder. Saving it again would only
+    /// rewrite the same state (and put its only copy at risk for a moment).
+    fn unchanged_checkpoint(&self) -> Option<PathBuf> {
+        let (step, dir) = self.resumed_from.as_ref()?;
+        let here = self.run_dir.join(checkpoint::checkpoint_name(*step));
+        (*step == self.step && same_dir(dir, &here)).then_some(here)
     }
 
     fn create_run_dir(&self) -> Result<()> {
@@ -497,8 +519,11 @@ impl Trainer {
     /// Trains until `cfg.steps`, logging, saving and sampling along the way.
     pub fn run(&mut self, progress: bool) -> Result<RunOutcome> {
         self.create_run_dir()?;
-        for name in crate::run_folder::clean_stale_temporaries(&self.run_dir)? {
-            tracing::info!("removed {name}, left by an interrupted save or prune");
+        if self.lock.is_none() {
+            self.lock = Some(crate::run_folder::RunLock::acquire(&self.run_dir)?);
+            for name in crate::run_folder::clean_stale_temporaries(&self.run_dir)? {
+                tracing::info!("cleaned up {name}, left by an interrupted save or prune");
+            }
         }
         let mut metrics = crate::run_folder::MetricsLog::open(&self.run_dir, self.step)?;
         let bar = if progress {
@@ -519,7 +544,13 @@ impl Trainer {
         let mut window_images = 0usize;
         while self.step < self.cfg.steps {
             if self.stop.load(Ordering::SeqCst) {
-                let dir = self.save()?;
+                let dir = match self.unchanged_checkpoint() {
+                    Some(d) => d,
+                    None => {
+                        metrics.sync()?;
+                        self.save()?
+                    }
+                };
                 bar.abandon_with_message("interrupted; checkpoint saved");
                 return Ok(RunOutcome::Interrupted(dir));
             }
@@ -550,15 +581,20 @@ impl Trainer {
                 window_images = 0;
             }
             if self.step.is_multiple_of(self.cfg.save_interval) {
+                metrics.sync()?;
                 last_saved = Some(self.save()?);
             }
             if self.cfg.sample_interval > 0 && self.step.is_multiple_of(self.cfg.sample_interval) {
                 self.sample_grid(&self.run_dir.join(format!("samples-{:07}.png", self.step)))?;
             }
         }
-        let dir = match last_saved {
-            Some(d) if d.ends_with(checkpoint::checkpoint_name(self.step)) => d,
-            _ => self.save()?,
+        let dir = match (last_saved, self.unchanged_checkpoint()) {
+            (Some(d), _) if d.ends_with(checkpoint::checkpoint_name(self.step)) => d,
+            (_, Some(d)) => d,
+            _ => {
+                metrics.sync()?;
+                self.save()?
+            }
         };
         bar.finish_with_message("done");
         Ok(RunOutcome::Finished(dir))
@@ -664,6 +700,14 @@ impl LogWindow {
         m.insert("lr".into(), lr.into());
         m.insert("images_per_sec".into(), images_per_sec.into());
         serde_json::Value::Object(m)
+    }
+}
+
+/// Whether two paths name the same folder (through links and `..` too).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 

@@ -116,11 +116,22 @@ pub fn run_case(raw: &Value, dir: &Path) -> Outcome {
     };
     let case = match Case::new(raw, dir) {
         Ok(c) => c,
-        Err(e) => return Outcome::Unsupported(format!("{e:#}")),
+        Err(e) => return Outcome::Failed(vec![error_mismatch(format!("{e:#}"))]),
     };
-    let result = match kinds::check(kind, &case) {
-        None => return Outcome::Unsupported(format!("unknown kind {kind:?}")),
-        Some(r) => r,
+    // A panic inside a check fails its case; the other cases still run.
+    let checked =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kinds::check(kind, &case)));
+    let result = match checked {
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            return Outcome::Failed(vec![error_mismatch(format!("the check panicked: {what}"))]);
+        }
+        Ok(None) => return Outcome::Unsupported(format!("unknown kind {kind:?}")),
+        Ok(Some(r)) => r,
     };
     match result {
         // Only a case that ran to the end has read every field it understands: unread inputs
@@ -142,14 +153,19 @@ pub fn run_case(raw: &Value, dir: &Path) -> Outcome {
         // "unsupported", and says what went wrong (after any differences found before it).
         Err(e) => {
             let mut mismatches = case.take_mismatches();
-            mismatches.push(Mismatch {
-                field: "(error)".into(),
-                index: None,
-                expected: "a result".into(),
-                got: format!("{e:#}"),
-            });
+            mismatches.push(error_mismatch(format!("{e:#}")));
             Outcome::Failed(mismatches)
         }
+    }
+}
+
+/// The record of an error that stopped a case.
+fn error_mismatch(got: String) -> Mismatch {
+    Mismatch {
+        field: "(error)".into(),
+        index: None,
+        expected: "a result".into(),
+        got,
     }
 }
 

@@ -15,10 +15,12 @@ fn steps(run: &Path) -> Vec<u64> {
     list_checkpoints(run).iter().map(|c| c.0).collect()
 }
 
+/// The folder's entries, without the lock file.
 fn names(run: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(run)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".lock")
         .collect();
     v.sort();
     v
@@ -102,14 +104,24 @@ fn pruning_removes_only_the_runs_own_older_checkpoints() {
     assert_eq!(steps(run.path()), vec![5, 30, 40, 50, 99]);
     prune_checkpoints(run.path(), Some("mine"), 50, 1).unwrap();
     assert_eq!(steps(run.path()), vec![5, 50, 99]);
+    // A run without an id cannot tell its checkpoints from others': it prunes nothing.
+    prune_checkpoints(run.path(), None, 99, 1).unwrap();
+    assert_eq!(steps(run.path()), vec![5, 50, 99]);
     assert!(names(run.path()).iter().all(|n| !n.starts_with('.')));
+}
+
+fn resuming(run_id: &str, step: u64) -> Option<Resuming<'_>> {
+    Some(Resuming {
+        run_id: Some(run_id),
+        step,
+    })
 }
 
 #[test]
 fn a_fresh_run_refuses_a_folder_with_another_runs_work() {
     let run = tempfile::tempdir().unwrap();
     let dir = run.path().join("r");
-    prepare_run_folder(&dir, None, false).unwrap();
+    drop(prepare_run_folder(&dir, None, false).unwrap());
     assert!(dir.is_dir());
     fake_checkpoint(&dir, 7, "old");
     let e = prepare_run_folder(&dir, None, false)
@@ -120,16 +132,34 @@ fn a_fresh_run_refuses_a_folder_with_another_runs_work() {
         "{e}"
     );
     // Resuming that run is fine; resuming another one into it is not.
-    prepare_run_folder(&dir, Some(Some("old")), false).unwrap();
-    let e = prepare_run_folder(&dir, Some(Some("new")), false)
+    let lock = prepare_run_folder(&dir, resuming("old", 7), false).unwrap();
+    // While one process holds the folder, no other can prepare it.
+    let e = prepare_run_folder(&dir, resuming("old", 7), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another process"), "{e}");
+    drop(lock);
+    let e = prepare_run_folder(&dir, resuming("new", 7), false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("another run"), "{e}");
+    // Resuming an older checkpoint of the run while newer ones exist starts a second line of
+    // training: refused unless the newer ones are to go.
+    fake_checkpoint(&dir, 3, "old");
+    let e = prepare_run_folder(&dir, resuming("old", 3), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("newer than the one resumed") && e.contains("checkpoint-0000007"),
+        "{e}"
+    );
+    drop(prepare_run_folder(&dir, resuming("old", 3), true).unwrap());
+    assert_eq!(steps(&dir), vec![3]);
     // Metrics alone (a run killed before its first checkpoint) also belong to a run.
     std::fs::write(dir.join(METRICS_FILE), "{\"step\":1}\n").unwrap();
     std::fs::write(dir.join("samples-0000001.png"), "png").unwrap();
     std::fs::write(dir.join("notes.txt"), "mine").unwrap();
-    prepare_run_folder(&dir, None, true).unwrap();
+    drop(prepare_run_folder(&dir, None, true).unwrap());
     assert_eq!(
         names(&dir),
         vec!["notes.txt"],
@@ -137,6 +167,11 @@ fn a_fresh_run_refuses_a_folder_with_another_runs_work() {
     );
     std::fs::write(dir.join(METRICS_FILE), "{\"step\":1}\n").unwrap();
     let e = prepare_run_folder(&dir, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(METRICS_FILE), "{e}");
+    // ... and so when another run resumes into the folder.
+    let e = prepare_run_folder(&dir, resuming("old", 7), false)
         .unwrap_err()
         .to_string();
     assert!(e.contains(METRICS_FILE), "{e}");
@@ -157,12 +192,17 @@ fn stale_temporaries_of_interrupted_saves_are_removed() {
         ".checkpoint-0000004.tmp123",
         ".checkpoint-0000003.old9",
         ".checkpoint-0000001.del77",
+        ".checkpoint-0000002.old5",
     ] {
         std::fs::create_dir(run.path().join(n)).unwrap();
-        std::fs::write(run.path().join(n).join(CONFIG_FILE), "{}").unwrap();
+        std::fs::write(run.path().join(n).join(CONFIG_FILE), "{\"run_id\": \"a\"}").unwrap();
     }
-    prepare_run_folder(run.path(), Some(Some("a")), false).unwrap();
-    assert_eq!(names(run.path()), vec!["checkpoint-0000003"]);
+    drop(prepare_run_folder(run.path(), resuming("a", 3), false).unwrap());
+    // Step 2's copy, moved aside for a rewrite that never arrived, is its only copy: restored.
+    assert_eq!(
+        names(run.path()),
+        vec!["checkpoint-0000002", "checkpoint-0000003"]
+    );
 }
 
 #[test]
