@@ -454,6 +454,22 @@ fn settings_are_validated_before_the_first_step() {
         ]),
         "is a folder",
     );
+    fails_with(
+        &cli(&["sample", "--checkpoint", c, "--out", "grid.jpg"]),
+        "ending in .png",
+    );
+    fails_with(
+        &cli(&[
+            "sample",
+            "--checkpoint",
+            c,
+            "--gif",
+            "c.gif",
+            "--gif-frames",
+            "0",
+        ]),
+        "--gif-frames",
+    );
     for eta in ["nan", "1.5", "-0.5"] {
         fails_with(
             &cli(&[

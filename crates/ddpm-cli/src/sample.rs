@@ -103,14 +103,25 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
     if args.eta != 0.0 && !args.ddim {
         tracing::warn!("--eta {} has no effect without --ddim", args.eta);
     }
+    if args.gif.is_some() && args.gif_frames == 0 {
+        bail!("--gif-frames must be positive");
+    }
     // Outputs are checked before the sampling, which can take hours, not after it.
-    for (flag, path) in [
-        ("--out", &args.out),
-        ("--npz", &args.npz),
-        ("--gif", &args.gif),
+    for (flag, path, ext) in [
+        ("--out", &args.out, "png"),
+        ("--npz", &args.npz, "npz"),
+        ("--gif", &args.gif, "gif"),
     ] {
         if let Some(p) = path {
             check_writable(flag, p)?;
+            // The format is fixed by the flag: a name that says otherwise would mislead.
+            let given = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !given.eq_ignore_ascii_case(ext) {
+                bail!(
+                    "{flag} {} writes a .{ext} file; give a name ending in .{ext}",
+                    p.display()
+                );
+            }
         }
     }
     let device: Device = parse_device(&args.device)?;

@@ -254,6 +254,8 @@ fn class_labels_load_from_every_integer_dtype() {
     let ints = [
         Tensor::new(&[3i64, 9], &Device::Cpu).unwrap(),
         Tensor::new(&[3i32, 9], &Device::Cpu).unwrap(),
+        Tensor::new(&[3i16, 9], &Device::Cpu).unwrap(),
+        Tensor::new(&[3u32, 9], &Device::Cpu).unwrap(),
         Tensor::new(&[3u8, 9], &Device::Cpu).unwrap(),
     ];
     for y in &ints {
