@@ -50,6 +50,19 @@ fn median_figures(rounds: &[Figures]) -> Figures {
     }
 }
 
+/// The CPU's model name as the kernel reports it.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -251,10 +264,15 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         });
         println!(
             "{}",
-            serde_json::json!({"batch": opts.batch, "threads": threads, "ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference, "ratio": ratio, "rounds": rounds})
+            serde_json::json!({"cpu": cpu_model(), "kernels": ddpm_unet::ops::kernel_variant(), "batch": opts.batch, "threads": threads, "ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference, "ratio": ratio, "rounds": rounds})
         );
         return Ok(());
     }
+    println!(
+        "CPU: {}; kernels: {}",
+        cpu_model(),
+        ddpm_unet::ops::kernel_variant()
+    );
     println!(
         "MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} rounds \
          (sides alternating) of the median of {} iterations",

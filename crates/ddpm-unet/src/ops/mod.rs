@@ -90,6 +90,20 @@ pub fn direct_enabled() -> bool {
     *DIRECT.get_or_init(|| direct::available() && !env_flag("DDPM_NO_DIRECT_CONV"))
 }
 
+/// The CPU kernels this process uses for f32 tensors, in words (benchmarks and logs name it
+/// beside their figures).
+pub fn kernel_variant() -> &'static str {
+    if plain_forced() {
+        "plain Candle ops (DDPM_PLAIN_OPS)"
+    } else if direct_enabled() && bf16::available() {
+        "direct AVX-512 3x3 convolutions (bf16 products available: AVX512-BF16)"
+    } else if direct_enabled() {
+        "direct AVX-512 3x3 convolutions"
+    } else {
+        "im2col + GEMM convolutions"
+    }
+}
+
 /// Whether the fast CPU kernels handle tensors like `x`.
 pub fn use_fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && !plain_forced()
