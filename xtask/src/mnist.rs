@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Args, Parser, ValueEnum};
 use ddpm_cli::train::TrainArgs;
-use ddpm_train::download::{download_mnist, MNIST_MIRRORS};
+use ddpm_train::download::{download_mnist, mirrors_after};
 use std::path::PathBuf;
 
 /// Options of `download-mnist`.
@@ -19,9 +19,7 @@ pub struct DownloadArgs {
 
 /// Fetches what is missing and says what it did.
 pub fn download(args: &DownloadArgs) -> Result<()> {
-    let mut mirrors: Vec<String> = args.mirror.iter().cloned().collect();
-    mirrors.extend(MNIST_MIRRORS.iter().map(|m| m.to_string()));
-    let fetched = download_mnist(&args.dir, &mirrors)?;
+    let fetched = download_mnist(&args.dir, &mirrors_after(args.mirror.as_deref()))?;
     if fetched.is_empty() {
         println!(
             "MNIST already present and verified in {}",

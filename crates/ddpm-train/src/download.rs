@@ -37,16 +37,20 @@ pub const MNIST_MIRRORS: [&str; 3] = [
 /// The environment variable naming a mirror to try before the canonical ones.
 pub const MIRROR_ENV: &str = "MNIST_MIRROR";
 
-/// The mirrors to try, in order: `MNIST_MIRROR` when set (a URL or a local folder), then
-/// [`MNIST_MIRRORS`].
-pub fn mirrors_from_env() -> Vec<String> {
-    let mut mirrors: Vec<String> = std::env::var(MIRROR_ENV)
-        .ok()
+/// The mirrors to try, in order: `first` when given and not blank (a URL or a local folder),
+/// then [`MNIST_MIRRORS`].
+pub fn mirrors_after(first: Option<&str>) -> Vec<String> {
+    first
         .filter(|m| !m.trim().is_empty())
         .into_iter()
-        .collect();
-    mirrors.extend(MNIST_MIRRORS.iter().map(|m| m.to_string()));
-    mirrors
+        .chain(MNIST_MIRRORS)
+        .map(str::to_string)
+        .collect()
+}
+
+/// The mirrors to try: `MNIST_MIRROR` when set, then [`MNIST_MIRRORS`].
+pub fn mirrors_from_env() -> Vec<String> {
+    mirrors_after(std::env::var(MIRROR_ENV).ok().as_deref())
 }
 
 /// Makes sure `dir` holds verified MNIST, fetching what is missing from [`mirrors_from_env`].

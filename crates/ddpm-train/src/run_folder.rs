@@ -201,9 +201,8 @@ pub fn clean_stale_temporaries(run_dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Checkpoint folders of a run that are complete (config.json present, and manifest.json where
-/// the folder has one), oldest first. Damaged folders are not verified here; see
-/// [`latest_checkpoint`].
+/// The `checkpoint-N` folders of a run (those with a config.json), oldest first. Their files are
+/// not verified here; see [`latest_checkpoint`].
 pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir)
         .into_iter()
@@ -275,10 +274,11 @@ pub fn prune_checkpoints(
 /// What a run folder already holds from earlier runs.
 #[derive(Debug, Default)]
 pub struct FolderContents {
-    /// Checkpoint folders, with the run each belongs to.
-    pub checkpoints: Vec<(PathBuf, Option<String>)>,
-    /// Whether metrics.jsonl exists.
-    pub metrics: bool,
+    /// Checkpoint folders (step, path, run id), oldest first.
+    pub checkpoints: Vec<(u64, PathBuf, Option<String>)>,
+    /// Whether metrics.jsonl holds anything (an empty one, from a run killed before its first
+    /// row, holds nothing to lose).
+    pub logged: bool,
 }
 
 /// Lists the run artefacts in `run_dir` (nothing when it does not exist), and refuses a path
@@ -293,12 +293,12 @@ pub fn folder_contents(run_dir: &Path) -> Result<FolderContents> {
     Ok(FolderContents {
         checkpoints: list_checkpoints(run_dir)
             .into_iter()
-            .map(|(_, d)| {
+            .map(|(s, d)| {
                 let id = run_id_of(&d);
-                (d, id)
+                (s, d, id)
             })
             .collect(),
-        metrics: run_dir.join(METRICS_FILE).exists(),
+        logged: std::fs::metadata(run_dir.join(METRICS_FILE)).is_ok_and(|m| m.len() > 0),
     })
 }
 
@@ -360,31 +360,18 @@ pub fn prepare_run_folder(
     })?;
     let lock = RunLock::acquire(run_dir)?;
     let own = |id: &Option<String>| resuming.is_some_and(|r| id.as_deref() == r.run_id);
-    let foreign: Vec<&PathBuf> = contents
-        .checkpoints
-        .iter()
-        .filter(|(_, id)| !own(id))
-        .map(|(d, _)| d)
-        .collect();
-    let newer: Vec<&PathBuf> = match resuming {
-        Some(r) => list_checkpoints(run_dir)
-            .into_iter()
-            .filter(|(s, _)| *s > r.step)
-            .filter_map(|(_, d)| {
-                contents
-                    .checkpoints
-                    .iter()
-                    .find(|(c, id)| *c == d && own(id))
-            })
-            .map(|(d, _)| d)
-            .collect(),
-        None => Vec::new(),
+    let pick = |keep: &dyn Fn(u64, &Option<String>) -> bool| -> Vec<&PathBuf> {
+        contents
+            .checkpoints
+            .iter()
+            .filter(|(s, _, id)| keep(*s, id))
+            .map(|(_, d, _)| d)
+            .collect()
     };
-    // A log with rows belongs to the run whose checkpoints are here; an empty one (a run killed
-    // before its first row) holds nothing to lose.
-    let logged = contents.metrics
-        && std::fs::metadata(run_dir.join(METRICS_FILE)).is_ok_and(|m| m.len() > 0);
-    let stale_metrics = logged && !contents.checkpoints.iter().any(|(_, id)| own(id));
+    let foreign = pick(&|_, id| !own(id));
+    let newer = pick(&|s, id| own(id) && resuming.is_some_and(|r| s > r.step));
+    // A log with rows belongs to the run whose checkpoints are here.
+    let stale_metrics = contents.logged && !contents.checkpoints.iter().any(|(_, _, id)| own(id));
     if !foreign.is_empty() || !newer.is_empty() || stale_metrics {
         if !overwrite {
             let folder = run_dir.display();
@@ -504,8 +491,7 @@ impl MetricsLog {
         }
     }
 
-    /// Flushes the rows to the disk; called before each checkpoint, so that a checkpoint that
-    /// survives a power cut never has fewer rows before it than were logged.
+    /// Flushes the rows to the disk (the trainer does before each checkpoint).
     pub fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(io(&self.path))
     }

@@ -98,9 +98,6 @@ impl Trainer {
     ) -> Result<Self> {
         cfg.validate()?;
         model_cfg.validate()?;
-        if data.len == 0 {
-            return Err(TrainError::Config("the training set has no images".into()));
-        }
         model_cfg.validate_image_size(data.height, data.width)?;
         if cfg.class_cond != model_cfg.num_classes.is_some() {
             return Err(TrainError::Config(
@@ -188,8 +185,9 @@ impl Trainer {
         device: &Device,
         update: impl FnOnce(&mut TrainConfig),
     ) -> Result<Self> {
-        let meta = CheckpointMeta::read(ckpt)?;
+        // Damage first, as in `load_model`: a damaged config.json is named as damage.
         crate::run_folder::verify_checkpoint(ckpt)?;
+        let meta = CheckpointMeta::read(ckpt)?;
         let mut cfg = meta.train.clone();
         update(&mut cfg);
         if cfg.steps < meta.step {
@@ -496,6 +494,13 @@ impl Trainer {
         Ok(dir)
     }
 
+    /// Saves a checkpoint once the rows logged before it are on disk, so that a checkpoint that
+    /// survives a power cut never has fewer rows before it than were logged.
+    fn save_after(&self, metrics: &crate::run_folder::MetricsLog) -> Result<PathBuf> {
+        metrics.sync()?;
+        self.save()
+    }
+
     /// Samples a grid from the first EMA weights (or the raw weights when there is no EMA).
     pub fn sample_grid(&self, path: &Path) -> Result<()> {
         let weights: HashMap<String, Tensor> = match self.emas.first() {
@@ -546,10 +551,7 @@ impl Trainer {
             if self.stop.load(Ordering::SeqCst) {
                 let dir = match self.unchanged_checkpoint() {
                     Some(d) => d,
-                    None => {
-                        metrics.sync()?;
-                        self.save()?
-                    }
+                    None => self.save_after(&metrics)?,
                 };
                 bar.abandon_with_message("interrupted; checkpoint saved");
                 return Ok(RunOutcome::Interrupted(dir));
@@ -581,8 +583,7 @@ impl Trainer {
                 window_images = 0;
             }
             if self.step.is_multiple_of(self.cfg.save_interval) {
-                metrics.sync()?;
-                last_saved = Some(self.save()?);
+                last_saved = Some(self.save_after(&metrics)?);
             }
             if self.cfg.sample_interval > 0 && self.step.is_multiple_of(self.cfg.sample_interval) {
                 self.sample_grid(&self.run_dir.join(format!("samples-{:07}.png", self.step)))?;
@@ -591,10 +592,7 @@ impl Trainer {
         let dir = match (last_saved, self.unchanged_checkpoint()) {
             (Some(d), _) if d.ends_with(checkpoint::checkpoint_name(self.step)) => d,
             (_, Some(d)) => d,
-            _ => {
-                metrics.sync()?;
-                self.save()?
-            }
+            _ => self.save_after(&metrics)?,
         };
         bar.finish_with_message("done");
         Ok(RunOutcome::Finished(dir))
