@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use ddpm_train::data::{IdxArray, ImageDataset};
 use ddpm_train::{DiffusionSettings, TrainConfig, Trainer};
+use ddpm_unet::ops::{profile, Isa, Precision};
 use ddpm_unet::UNetConfig;
 use serde::Serialize;
 use std::path::Path;
@@ -30,9 +31,32 @@ pub struct BenchOptions {
     pub batch: usize,
     pub warmup: usize,
     pub iters: usize,
-    /// Rounds of (ours, ours with bf16 convolutions, the original), one after the other.
+    /// Rounds of (ours f32, ours bf16, the original f32, the original under bf16 autocast),
+    /// one after the other.
     pub rounds: usize,
     pub json: bool,
+    /// Our kernel family limit, mirrored on the original's side (None: the CPU's best).
+    pub isa: Option<Isa>,
+}
+
+/// What one side measured in one round, with our step's time by op class.
+#[derive(Debug, Clone)]
+struct Measured {
+    figures: Figures,
+    /// Seconds per training step by op class (ours only).
+    breakdown: Option<Breakdown>,
+}
+
+/// A training step's seconds by op class: the kernels' own timings, the optimiser's, and the
+/// rest of the step (Candle's element-wise ops, reductions, copies, the loss terms).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Breakdown {
+    pub step: f64,
+    pub convolutions: f64,
+    pub norms: f64,
+    pub attention: f64,
+    pub optimiser: f64,
+    pub elementwise_and_other: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -94,8 +118,15 @@ fn synthetic_data(n: usize) -> ImageDataset {
     .expect("consistent synthetic data")
 }
 
-/// Runs our side of the benchmark.
-pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
+/// Runs our side of the benchmark at `precision` (set process-wide for the duration).
+fn bench_ours(opts: &BenchOptions, precision: Precision) -> Result<Measured> {
+    ddpm_unet::ops::set_precision(precision);
+    let r = bench_ours_now(opts);
+    ddpm_unet::ops::set_precision(Precision::F32);
+    r
+}
+
+fn bench_ours_now(opts: &BenchOptions) -> Result<Measured> {
     let device = Device::Cpu;
     let run_dir = tempfile::tempdir()?;
     let cfg = TrainConfig {
@@ -113,12 +144,34 @@ pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
     )?;
     let mut times = Vec::new();
     for i in 0..opts.warmup + opts.iters {
+        if i == opts.warmup {
+            profile::take();
+            profile::set_profiling(true);
+        }
         let t0 = Instant::now();
         trainer.train_step()?;
         if i >= opts.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    profile::set_profiling(false);
+    let p = profile::take();
+    let n = opts.iters as f64;
+    let step = times.iter().sum::<f64>() / n;
+    let (conv, norms, attention, optimiser) = (
+        p.convolutions / n,
+        p.norms / n,
+        p.attention / n,
+        p.optimiser / n,
+    );
+    let breakdown = Breakdown {
+        step,
+        convolutions: conv,
+        norms,
+        attention,
+        optimiser,
+        elementwise_and_other: (step - conv - norms - attention - optimiser).max(0.0),
+    };
     let train = opts.batch as f64 / median(times);
     let x = Tensor::randn(0f32, 1.0, (opts.batch, 1, 28, 28), &device)?;
     let ts = Tensor::from_vec(
@@ -138,10 +191,13 @@ pub fn bench_ours(opts: &BenchOptions) -> Result<Figures> {
         }
     }
     let forward = opts.batch as f64 / median(times);
-    Ok(Figures {
-        train_images_per_sec: train,
-        forward_images_per_sec: forward,
-        peak_rss_mib: peak_rss_mib(),
+    Ok(Measured {
+        figures: Figures {
+            train_images_per_sec: train,
+            forward_images_per_sec: forward,
+            peak_rss_mib: peak_rss_mib(),
+        },
+        breakdown: Some(breakdown),
     })
 }
 
@@ -154,6 +210,12 @@ from improved_diffusion.script_util import create_gaussian_diffusion
 from improved_diffusion.resample import UniformSampler
 from improved_diffusion.nn import update_ema
 batch, warmup, iters, threads = map(int, sys.argv[2:6])
+precision = sys.argv[6]
+import contextlib
+def autocast():
+    if precision == "bf16":
+        return th.autocast("cpu", dtype=th.bfloat16)
+    return contextlib.nullcontext()
 th.set_num_threads(threads)
 th.manual_seed(0)
 diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine",
@@ -168,8 +230,9 @@ sampler = UniformSampler(diffusion)
 x = th.rand(batch, 1, 28, 28) * 2 - 1
 def step():
     t, w = sampler.sample(batch, "cpu")
-    losses = diffusion.training_losses(model, x, t)
-    loss = (losses["loss"] * w).mean()
+    with autocast():
+        losses = diffusion.training_losses(model, x, t)
+        loss = (losses["loss"] * w).mean()
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -184,15 +247,46 @@ def timed(f):
 train = batch / timed(step)
 ts = th.tensor([float(i * 997 % 1000) for i in range(batch)])
 def fwd():
-    with th.no_grad():
+    with th.no_grad(), autocast():
         model(x, ts)
 forward = batch / timed(fwd)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 print(json.dumps({"train_images_per_sec": train, "forward_images_per_sec": forward, "peak_rss_mib": rss}))
 "#;
 
-/// Runs the original's side when `REF_PYTHON` and `REF_SRC` are set.
-pub fn bench_reference(opts: &BenchOptions, threads: usize) -> Result<Option<Figures>> {
+/// The environment that restricts PyTorch (ATen's kernels, oneDNN's convolutions, MKL's
+/// matrix products) to roughly the family `isa`, for a like-for-like comparison.
+fn torch_isa_env(isa: Isa) -> Vec<(&'static str, &'static str)> {
+    match isa {
+        Isa::Portable => vec![
+            ("ATEN_CPU_CAPABILITY", "default"),
+            ("ONEDNN_MAX_CPU_ISA", "SSE41"),
+            ("MKL_ENABLE_INSTRUCTIONS", "SSE4_2"),
+        ],
+        Isa::Avx2 => vec![
+            ("ATEN_CPU_CAPABILITY", "avx2"),
+            ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+            ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+        ],
+        Isa::Avx512 => vec![
+            ("ATEN_CPU_CAPABILITY", "avx512"),
+            ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE"),
+        ],
+        Isa::Avx512Bf16 => vec![
+            ("ATEN_CPU_CAPABILITY", "avx512"),
+            ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16"),
+        ],
+        Isa::Amx => vec![],
+    }
+}
+
+/// Runs the original's side at `precision` (bf16: under CPU bf16 autocast) when `REF_PYTHON`
+/// and `REF_SRC` are set.
+fn bench_reference(
+    opts: &BenchOptions,
+    threads: usize,
+    precision: Precision,
+) -> Result<Option<Measured>> {
     let (Ok(python), Ok(src)) = (std::env::var("REF_PYTHON"), std::env::var("REF_SRC")) else {
         return Ok(None);
     };
@@ -207,10 +301,15 @@ model = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_bloc
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("bench_reference.py");
     std::fs::write(&path, script)?;
-    let out = std::process::Command::new(&python)
-        .arg(&path)
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&path)
         .arg(&src)
         .args([opts.batch, opts.warmup, opts.iters, threads].map(|v| v.to_string()))
+        .arg(precision.name());
+    if let Some(isa) = opts.isa {
+        cmd.envs(torch_isa_env(isa));
+    }
+    let out = cmd
         .output()
         .with_context(|| format!("cannot run REF_PYTHON={python}"))?;
     if !out.status.success() {
@@ -224,9 +323,47 @@ model = UNetModel(in_channels=1, model_channels=32, out_channels=2, num_res_bloc
         .lines()
         .last()
         .context("the reference benchmark printed nothing")?;
-    Ok(Some(serde_json::from_str(line).with_context(|| {
-        format!("unexpected reference output: {line}")
-    })?))
+    let figures = serde_json::from_str(line)
+        .with_context(|| format!("unexpected reference output: {line}"))?;
+    Ok(Some(Measured {
+        figures,
+        breakdown: None,
+    }))
+}
+
+/// The median figures and breakdown of one side over the rounds (None when it never ran).
+#[derive(Debug, Clone, Serialize)]
+struct Side {
+    #[serde(flatten)]
+    figures: Figures,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breakdown: Option<Breakdown>,
+}
+
+fn side(rounds: &[Measured]) -> Option<Side> {
+    if rounds.is_empty() {
+        return None;
+    }
+    let figures: Vec<Figures> = rounds.iter().map(|m| m.figures.clone()).collect();
+    let figures = median_figures(&figures);
+    // The breakdown of the round whose training figure is the median.
+    let breakdown = rounds
+        .iter()
+        .min_by(|a, b| {
+            let d = |m: &Measured| {
+                (m.figures.train_images_per_sec - figures.train_images_per_sec).abs()
+            };
+            d(a).total_cmp(&d(b))
+        })
+        .and_then(|m| m.breakdown);
+    Some(Side { figures, breakdown })
+}
+
+/// Both precisions of one side.
+#[derive(Debug, Clone, Serialize)]
+struct Precisions {
+    f32: Option<Side>,
+    bf16: Option<Side>,
 }
 
 /// Runs both sides and prints the figures and ratios.
@@ -234,100 +371,150 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let (mut ours, mut ours_bf16, mut reference) = (Vec::new(), Vec::new(), Vec::new());
+    ddpm_unet::ops::set_isa_limit(opts.isa);
+    let ours_bf16 = ddpm_unet::ops::bf16_supported();
+    let reference_bf16 = opts.isa.is_none_or(|i| i >= Isa::Avx512Bf16);
+    let mut rounds: [Vec<Measured>; 4] = Default::default();
     for round in 0..opts.rounds {
         if opts.rounds > 1 && !opts.json {
             eprintln!("round {} of {}", round + 1, opts.rounds);
         }
-        ours.push(bench_ours(&opts)?);
-        // The bf16 variant of the convolutions, where the CPU has AVX512-BF16.
-        if ddpm_unet::ops::bf16_supported() {
-            ddpm_unet::ops::set_bf16_convolutions(true);
-            let f = bench_ours(&opts);
-            ddpm_unet::ops::set_bf16_convolutions(false);
-            ours_bf16.push(f?);
+        rounds[0].push(bench_ours(&opts, Precision::F32)?);
+        if ours_bf16 {
+            rounds[1].push(bench_ours(&opts, Precision::Bf16)?);
         }
-        if let Some(r) = bench_reference(&opts, threads)? {
-            reference.push(r);
+        if let Some(r) = bench_reference(&opts, threads, Precision::F32)? {
+            rounds[2].push(r);
+            if reference_bf16 {
+                if let Some(r) = bench_reference(&opts, threads, Precision::Bf16)? {
+                    rounds[3].push(r);
+                }
+            }
         }
     }
-    let rounds = serde_json::json!({"ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference});
-    let ours = median_figures(&ours);
-    let ours_bf16 = (!ours_bf16.is_empty()).then(|| median_figures(&ours_bf16));
-    let reference = (!reference.is_empty()).then(|| median_figures(&reference));
+    let ours = Precisions {
+        f32: side(&rounds[0]),
+        bf16: side(&rounds[1]),
+    };
+    let original = Precisions {
+        f32: side(&rounds[2]),
+        bf16: side(&rounds[3]),
+    };
+    let ratio = |a: &Option<Side>, b: &Option<Side>| match (a, b) {
+        (Some(a), Some(b)) => Some(serde_json::json!({
+            "train": a.figures.train_images_per_sec / b.figures.train_images_per_sec,
+            "forward": a.figures.forward_images_per_sec / b.figures.forward_images_per_sec,
+        })),
+        _ => None,
+    };
+    let kernels = serde_json::json!({
+        "f32": ddpm_unet::ops::Kernels::new(ddpm_unet::ops::isa(), false).describe(),
+        "bf16": ours_bf16.then(|| ddpm_unet::ops::Kernels::new(ddpm_unet::ops::isa(), true).describe()),
+    });
+    let isa = ddpm_unet::ops::isa();
     if opts.json {
-        let ratio = reference.as_ref().map(|r| {
-            serde_json::json!({
-                "train": ours.train_images_per_sec / r.train_images_per_sec,
-                "forward": ours.forward_images_per_sec / r.forward_images_per_sec,
-            })
-        });
+        let per_round = |r: &[Measured]| r.iter().map(|m| m.figures.clone()).collect::<Vec<_>>();
         println!(
             "{}",
-            serde_json::json!({"cpu": cpu_model(), "kernels": ddpm_unet::ops::kernel_variant(), "batch": opts.batch, "threads": threads, "ours": ours, "ours_bf16_convolutions": ours_bf16, "original": reference, "ratio": ratio, "rounds": rounds})
+            serde_json::json!({
+                "cpu": cpu_model(),
+                "isa": isa.name(),
+                "kernels": kernels,
+                "batch": opts.batch,
+                "threads": threads,
+                "ours": ours,
+                "original": original,
+                "ratio": {
+                    "f32": ratio(&ours.f32, &original.f32),
+                    "bf16": ratio(&ours.bf16, &original.bf16),
+                    "ours_bf16_over_ours_f32": ratio(&ours.bf16, &ours.f32),
+                },
+                "rounds": {
+                    "ours": {"f32": per_round(&rounds[0]), "bf16": per_round(&rounds[1])},
+                    "original": {"f32": per_round(&rounds[2]), "bf16": per_round(&rounds[3])},
+                },
+            })
         );
         return Ok(());
     }
-    println!(
-        "CPU: {}; kernels: {}",
-        cpu_model(),
-        ddpm_unet::ops::kernel_variant()
-    );
+    println!("CPU: {}; kernel family: {isa}", cpu_model());
     println!(
         "MNIST UNet (1.74 M parameters), batch {}, {threads} threads, median of {} rounds \
          (sides alternating) of the median of {} iterations",
         opts.batch, opts.rounds, opts.iters
     );
+    println!("f32: {}", kernels["f32"].as_str().unwrap_or("-"));
+    if let Some(k) = kernels["bf16"].as_str() {
+        println!("bf16: {k}");
+    }
+    if let Some(isa) = opts.isa {
+        let env: Vec<String> = torch_isa_env(isa)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("original restricted with {}", env.join(" "));
+    }
     println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "", "ddpm-rs", "original", "ratio"
+        "{:<24} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8}",
+        "", "ours f32", "orig f32", "ratio", "ours bf16", "orig bf16", "ratio"
     );
-    let row = |name: &str, a: f64, b: Option<f64>| match b {
-        Some(b) => println!("{name:<28} {a:>12.1} {b:>12.1} {:>7.2}x", a / b),
-        None => println!("{name:<28} {a:>12.1} {:>12} {:>8}", "-", "-"),
+    let cell = |s: &Option<Side>, f: fn(&Figures) -> f64| s.as_ref().map(|s| f(&s.figures));
+    let num = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let rat = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}x", a / b),
+        _ => "-".into(),
     };
-    row(
-        "train images/s",
-        ours.train_images_per_sec,
-        reference.as_ref().map(|r| r.train_images_per_sec),
-    );
-    row(
-        "forward images/s",
-        ours.forward_images_per_sec,
-        reference.as_ref().map(|r| r.forward_images_per_sec),
-    );
-    row(
-        "peak RSS MiB",
-        ours.peak_rss_mib,
-        reference.as_ref().map(|r| r.peak_rss_mib),
-    );
+    let row = |name: &str, f: fn(&Figures) -> f64, scale: f64| {
+        let (a, b, c, d) = (
+            cell(&ours.f32, f).map(|v| v * scale),
+            cell(&original.f32, f).map(|v| v * scale),
+            cell(&ours.bf16, f).map(|v| v * scale),
+            cell(&original.bf16, f).map(|v| v * scale),
+        );
+        println!(
+            "{name:<24} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8}",
+            num(a),
+            num(b),
+            rat(a, b),
+            num(c),
+            num(d),
+            rat(c, d)
+        );
+    };
+    row("train images/s", |f| f.train_images_per_sec, 1.0);
+    row("forward images/s", |f| f.forward_images_per_sec, 1.0);
     row(
         "train GFLOP/s",
-        ours.train_images_per_sec * TRAIN_GFLOP_PER_IMAGE,
-        reference
-            .as_ref()
-            .map(|r| r.train_images_per_sec * TRAIN_GFLOP_PER_IMAGE),
+        |f| f.train_images_per_sec,
+        TRAIN_GFLOP_PER_IMAGE,
     );
     row(
         "forward GFLOP/s",
-        ours.forward_images_per_sec * FORWARD_GFLOP_PER_IMAGE,
-        reference
-            .as_ref()
-            .map(|r| r.forward_images_per_sec * FORWARD_GFLOP_PER_IMAGE),
+        |f| f.forward_images_per_sec,
+        FORWARD_GFLOP_PER_IMAGE,
     );
-    if let Some(b) = &ours_bf16 {
-        row(
-            "train images/s, bf16 convs",
-            b.train_images_per_sec,
-            reference.as_ref().map(|r| r.train_images_per_sec),
-        );
-        row(
-            "forward images/s, bf16 convs",
-            b.forward_images_per_sec,
-            reference.as_ref().map(|r| r.forward_images_per_sec),
-        );
+    row("peak RSS MiB", |f| f.peak_rss_mib, 1.0);
+    for (name, s) in [("f32", &ours.f32), ("bf16", &ours.bf16)] {
+        if let Some(b) = s.as_ref().and_then(|s| s.breakdown) {
+            let pct = |v: f64| 100.0 * v / b.step;
+            println!(
+                "ours {name}, ms per training step: {:.1} = convolutions {:.1} ({:.0}%), norms {:.1} ({:.0}%), \
+                 attention {:.1} ({:.0}%), optimiser {:.1} ({:.0}%), element-wise and other {:.1} ({:.0}%)",
+                1e3 * b.step,
+                1e3 * b.convolutions,
+                pct(b.convolutions),
+                1e3 * b.norms,
+                pct(b.norms),
+                1e3 * b.attention,
+                pct(b.attention),
+                1e3 * b.optimiser,
+                pct(b.optimiser),
+                1e3 * b.elementwise_and_other,
+                pct(b.elementwise_and_other),
+            );
+        }
     }
-    if reference.is_none() {
+    if original.f32.is_none() {
         println!("(set REF_PYTHON to a Python with torch and REF_SRC to an improved-diffusion checkout for the side-by-side)");
     }
     Ok(())

@@ -9,7 +9,7 @@ mod reference;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -72,6 +72,12 @@ enum Command {
         /// load drifts, and alternating exposes both sides to it alike).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
         rounds: u64,
+        /// Restrict our kernels to this family and below (portable, avx2, avx512, avx512bf16,
+        /// amx), and the original's to the same with ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA
+        /// and MKL_ENABLE_INSTRUCTIONS (avx2 is the laptop comparison). Default: DDPM_ISA, else
+        /// everything the CPU has.
+        #[arg(long)]
+        isa: Option<ddpm_unet::ops::Isa>,
     },
 }
 
@@ -146,13 +152,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             warmup,
             iters,
             rounds,
+            isa,
         } => {
+            let isa = match isa {
+                Some(i) => Some(i),
+                None => ddpm_unet::ops::isa_from_env().context("DDPM_ISA")?,
+            };
             bench::run(bench::BenchOptions {
                 batch,
                 warmup,
                 iters,
                 rounds: rounds as usize,
                 json,
+                isa,
             })?;
             Ok(ExitCode::SUCCESS)
         }

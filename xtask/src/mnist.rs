@@ -73,9 +73,10 @@ pub struct TrainMnistArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// bf16 products in the CPU convolutions (AVX512-BF16), as `ddpm-cli train --bf16`.
-    #[arg(long)]
-    pub bf16: bool,
+    /// f32, or bf16 products in the CPU convolutions (AMX-BF16 or AVX512-BF16), as
+    /// `ddpm-cli train --precision`.
+    #[arg(long, default_value = "f32")]
+    pub precision: ddpm_unet::ops::Precision,
     #[command(flatten)]
     pub download: DownloadArgs,
 }
@@ -191,7 +192,7 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     t.overwrite = args.overwrite;
     t.seed = args.seed;
     t.device = args.device.clone();
-    t.bf16 = args.bf16;
+    t.precision = args.precision;
     let stop = ddpm_cli::ctrlc_stop_flag()?;
     let outcome = ddpm_cli::train::run(&t, Some(stop))?;
     println!("{outcome:?}");

@@ -85,7 +85,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         gif_show: "both".into(),
         gif_frames: 1,
         device: "cpu".into(),
-        bf16: false,
+        precision: ddpm_unet::ops::Precision::F32,
         no_progress: args.no_progress,
     };
     let samples = generate(&sample_args)?;

@@ -112,14 +112,30 @@ pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
-/// Applies `--bf16`: bf16 products in the CPU convolutions where the CPU has AVX512-BF16
-/// (a warning, and f32, elsewhere).
-pub fn set_bf16(on: bool, device: &candle_core::Device) {
-    ddpm_unet::ops::set_bf16_convolutions(on);
-    if on && !(device.is_cpu() && ddpm_unet::ops::bf16_supported()) {
-        tracing::warn!(
-            "--bf16: needs the CPU with AVX512-BF16 (and the direct convolution kernels); \
-             convolutions stay f32"
-        );
+/// Applies `--precision` and `DDPM_ISA` for a run on `device`: bf16 needs the CPU with AMX or
+/// AVX512-BF16 (within the `DDPM_ISA` limit), and an unknown `DDPM_ISA` is refused.
+pub fn set_precision(p: ddpm_unet::ops::Precision, device: &candle_core::Device) -> Result<()> {
+    use ddpm_unet::ops::{Isa, Precision};
+    ddpm_unet::ops::isa_from_env().map_err(|e| anyhow::anyhow!("DDPM_ISA: {e}"))?;
+    if p == Precision::Bf16 {
+        if !device.is_cpu() {
+            anyhow::bail!(
+                "--precision bf16 applies to the CPU kernels; on {device:?} use --precision f32"
+            );
+        }
+        if !ddpm_unet::ops::bf16_supported() {
+            anyhow::bail!(
+                "--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16; this one runs {}                  kernels (detected {}){}; use --precision f32",
+                ddpm_unet::ops::isa(),
+                Isa::detected(),
+                if ddpm_unet::ops::isa() < Isa::detected() {
+                    ", limited by DDPM_ISA"
+                } else {
+                    ""
+                }
+            );
+        }
     }
+    ddpm_unet::ops::set_precision(p);
+    Ok(())
 }

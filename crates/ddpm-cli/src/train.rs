@@ -121,10 +121,11 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Multiply in bf16 (f32 accumulation) in the 3×3 convolutions and their gradients, on CPUs
-    /// with AVX512-BF16; weights, optimiser and everything else stay f32.
-    #[arg(long)]
-    pub bf16: bool,
+    /// f32, or bf16: bf16 products (f32 accumulation) in the 3×3 convolutions and their
+    /// gradients, on CPUs with AMX-BF16 or AVX512-BF16; weights, optimiser and everything else
+    /// stay f32.
+    #[arg(long, default_value = "f32")]
+    pub precision: ddpm_unet::ops::Precision,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -282,7 +283,7 @@ pub const OPERATIONAL: &[&str] = &[
     "resume_checkpoint",
     "overwrite",
     "device",
-    "bf16",
+    "precision",
     "no_progress",
 ];
 
@@ -416,7 +417,7 @@ pub fn run(
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<RunOutcome> {
     let device = parse_device(&args.device)?;
-    crate::set_bf16(args.bf16, &device);
+    crate::set_precision(args.precision, &device)?;
     let data = ImageDataset::load(&args.data, Split::Train).with_context(|| {
         format!(
             "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",

@@ -9,6 +9,7 @@ use crate::settings::{DiffusionSettings, TrainConfig};
 use crate::{grid, Result, TrainError};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use ddpm_schedule::{randn, GaussianDiffusion, RngNoise};
+use ddpm_unet::ops::profile::{timed, OpClass};
 use ddpm_unet::{ParamStore, UNet, UNetConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -402,7 +403,28 @@ impl Trainer {
                 }
             });
         }
-        let mut grads = total.expect("a batch has at least one microbatch");
+        let grads = total.expect("a batch has at least one microbatch");
+        let (norm, lr) = timed(OpClass::Optimiser, || self.apply_gradients(grads))?;
+        self.step += 1;
+        let n = per_example.len() as f64;
+        let mean = |f: fn(&ExampleLoss) -> Option<f64>| -> Option<f64> {
+            let v: Option<Vec<f64>> = per_example.iter().map(f).collect();
+            v.map(|v| v.iter().sum::<f64>() / n)
+        };
+        Ok(StepStats {
+            step: self.step,
+            loss: loss_sum / n,
+            mse: mean(|e| e.2),
+            vb: mean(|e| e.3),
+            grad_norm: norm,
+            lr,
+            per_example,
+        })
+    }
+
+    /// Clips (when asked), steps the optimiser and updates the EMAs: returns the gradient norm
+    /// before clipping and the learning rate used.
+    fn apply_gradients(&mut self, mut grads: GradStore) -> Result<(f64, f64)> {
         let norm = grad_norm(&self.params, &grads)?;
         if !norm.is_finite() {
             return Err(TrainError::NonFinite {
@@ -421,21 +443,7 @@ impl Trainer {
         for ema in &mut self.emas {
             ema.update(&self.params)?;
         }
-        self.step += 1;
-        let n = per_example.len() as f64;
-        let mean = |f: fn(&ExampleLoss) -> Option<f64>| -> Option<f64> {
-            let v: Option<Vec<f64>> = per_example.iter().map(f).collect();
-            v.map(|v| v.iter().sum::<f64>() / n)
-        };
-        Ok(StepStats {
-            step: self.step,
-            loss: loss_sum / n,
-            mse: mean(|e| e.2),
-            vb: mean(|e| e.3),
-            grad_norm: norm,
-            lr,
-            per_example,
-        })
+        Ok((norm, lr))
     }
 
     /// Writes a checkpoint of the current state and prunes old ones.

@@ -1,15 +1,17 @@
 //! The bf16 convolutions against f32: the same training run, step for step, on real MNIST.
 //!
-//! In its own test binary: `set_bf16_convolutions` is process-wide and would change the
+//! Run for every bf16 kernel family this CPU has (AMX tiles, AVX512-BF16 vectors). In its own
+//! test binary: `set_precision` and `set_isa_limit` are process-wide and would change the
 //! convolutions of tests running beside it.
 
 use candle_core::Device;
 use ddpm_train::{DiffusionSettings, ImageDataset, Split, TrainConfig, Trainer};
+use ddpm_unet::ops::{Isa, Precision};
 use ddpm_unet::UNetConfig;
 use std::path::Path;
 
-fn losses(data: &ImageDataset, bf16: bool, steps: usize) -> Vec<f64> {
-    ddpm_unet::ops::set_bf16_convolutions(bf16);
+fn losses(data: &ImageDataset, precision: Precision, steps: usize) -> Vec<f64> {
+    ddpm_unet::ops::set_precision(precision);
     let dir = tempfile::tempdir().unwrap();
     let model = UNetConfig {
         in_channels: 1,
@@ -45,7 +47,7 @@ fn losses(data: &ImageDataset, bf16: bool, steps: usize) -> Vec<f64> {
     )
     .unwrap();
     let l = (0..steps).map(|_| t.train_step().unwrap().loss).collect();
-    ddpm_unet::ops::set_bf16_convolutions(false);
+    ddpm_unet::ops::set_precision(Precision::F32);
     l
 }
 
@@ -63,25 +65,44 @@ fn mnist_bf16_training_follows_the_f32_loss_curve() {
         .join("data/mnist");
     ddpm_train::download::ensure_mnist(&dir).unwrap_or_else(|e| panic!("{e}"));
     let data = ImageDataset::load(&dir, Split::Train).unwrap();
-    if !ddpm_unet::ops::bf16_supported() {
-        eprintln!("no AVX512-BF16 on this CPU: --bf16 is f32 here, nothing to compare");
+    let families: Vec<Isa> = Isa::supported_all()
+        .into_iter()
+        .filter(|&i| i >= Isa::Avx512Bf16)
+        .collect();
+    if families.is_empty() {
+        eprintln!("no AMX or AVX512-BF16 on this CPU: bf16 precision is refused here");
         return;
     }
     let steps = 40;
-    let f32_losses = losses(&data, false, steps);
-    let bf16_losses = losses(&data, true, steps);
-    for (i, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
-        eprintln!("step {i:>2}: f32 {a:.4}  bf16 {b:.4}");
+    let f32_losses = losses(&data, Precision::F32, steps);
+    for isa in families {
+        ddpm_unet::ops::set_isa_limit(Some(isa));
+        let bf16_losses = losses(&data, Precision::Bf16, steps);
+        ddpm_unet::ops::set_isa_limit(None);
+        follows(&f32_losses, &bf16_losses, isa);
+    }
+}
+
+fn follows(f32_losses: &[f64], bf16_losses: &[f64], isa: Isa) {
+    let steps = f32_losses.len();
+    for (i, (a, b)) in f32_losses.iter().zip(bf16_losses).enumerate() {
+        eprintln!("step {i:>2}: f32 {a:.4}  bf16 ({isa}) {b:.4}");
     }
     // The switch took effect (bf16 rounding changes the losses somewhere)...
-    assert_ne!(f32_losses, bf16_losses, "bf16 gave bit-identical losses");
+    assert_ne!(
+        f32_losses, bf16_losses,
+        "{isa}: bf16 gave bit-identical losses"
+    );
     // ... and, with the same batches, timesteps and noise, the first step differs only by
     // rounding.
     let first = (bf16_losses[0] - f32_losses[0]).abs() / f32_losses[0];
-    assert!(first < 0.01, "first step: {first:.4} relative difference");
+    assert!(
+        first < 0.01,
+        "{isa}: first step: {first:.4} relative difference"
+    );
     // Both learn: the last ten steps' loss is well below the first five's.
-    for l in [&f32_losses, &bf16_losses] {
-        assert!(mean(&l[steps - 10..]) < 0.5 * mean(&l[..5]), "{l:?}");
+    for l in [f32_losses, bf16_losses] {
+        assert!(mean(&l[steps - 10..]) < 0.5 * mean(&l[..5]), "{isa}: {l:?}");
     }
     // And bf16 stays on the f32 curve: the last twenty steps agree within 5% on average.
     let (a, b) = (
@@ -90,6 +111,6 @@ fn mnist_bf16_training_follows_the_f32_loss_curve() {
     );
     assert!(
         (a - b).abs() / a < 0.05,
-        "late loss f32 {a:.4} vs bf16 {b:.4}"
+        "{isa}: late loss f32 {a:.4} vs bf16 {b:.4}"
     );
 }

@@ -111,31 +111,38 @@ fn main() -> Result<()> {
                 w.as_tensor().flatten_all()?.to_vec1::<f32>()?,
             );
             let gv = g.flatten_all()?.to_vec1::<f32>()?;
+            let f32k = ops::Kernels::new(ops::Isa::Avx512, false);
             let di = time(5, || {
-                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, false);
+                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, f32k);
                 Ok(())
             })?;
             let bv = bias.as_tensor().to_vec1::<f32>()?;
-            let f16 = time(5, || {
-                ops::direct::forward(&xv, (b, ci, hw, hw), &wv, co, &bv, true);
-                Ok(())
-            })?;
-            let di16 = time(5, || {
-                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, true);
-                Ok(())
-            })?;
-            let dw16 = time(5, || {
-                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, true);
-                Ok(())
-            })?;
-            println!(
-                "    bf16: fwd {f16:.2} ms {:.1} GF/s, dX {di16:.2} ms {:.1} GF/s, dW {dw16:.2} ms {:.1} GF/s",
-                flop / f16 / 1e6,
-                flop / di16 / 1e6,
-                flop / dw16 / 1e6
-            );
+            for isa in [ops::Isa::Avx512Bf16, ops::Isa::Amx] {
+                if !isa.supported() {
+                    continue;
+                }
+                let k16 = ops::Kernels::new(isa, true);
+                let f16 = time(5, || {
+                    ops::direct::forward(&xv, (b, ci, hw, hw), &wv, co, &bv, k16);
+                    Ok(())
+                })?;
+                let di16 = time(5, || {
+                    ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, k16);
+                    Ok(())
+                })?;
+                let dw16 = time(5, || {
+                    ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, k16);
+                    Ok(())
+                })?;
+                println!(
+                    "    bf16 {isa}: fwd {f16:.2} ms {:.1} GF/s, dX {di16:.2} ms {:.1} GF/s, dW {dw16:.2} ms {:.1} GF/s",
+                    flop / f16 / 1e6,
+                    flop / di16 / 1e6,
+                    flop / dw16 / 1e6
+                );
+            }
             let dw = time(5, || {
-                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, false);
+                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, f32k);
                 Ok(())
             })?;
             println!(

@@ -7,6 +7,7 @@
 
 use super::cpu::{matmul, slice};
 use super::norm::exp_fast;
+use super::profile::{timed, OpClass};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,11 +73,13 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(qkv.apply_op2_no_bwd(
-            &g,
-            &AttentionBackward { heads: self.heads },
-        )?))
+        timed(OpClass::Attention, || {
+            let g = grad.contiguous()?;
+            Ok(Some(qkv.apply_op2_no_bwd(
+                &g,
+                &AttentionBackward { heads: self.heads },
+            )?))
+        })
     }
 }
 
@@ -137,5 +140,6 @@ impl CustomOp2 for AttentionBackward {
 
 /// Attention through the fused kernel (the input is made contiguous first).
 pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(Attention { heads })
+    let qkv = qkv.contiguous()?;
+    timed(OpClass::Attention, || qkv.apply_op1(Attention { heads }))
 }

@@ -8,6 +8,8 @@
 //! rather than through transposed convolutions and multi-axis reductions. Everything is NCHW
 //! and contiguous.
 
+use super::profile::{timed, OpClass};
+use super::Kernels;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
@@ -109,8 +111,8 @@ impl ConvGeom {
         })
     }
     /// Whether the direct 3×3 kernels ([`super::direct`]) take this convolution.
-    fn direct(&self) -> bool {
-        self.k == 3 && self.stride == 1 && self.pad == 1 && super::direct_enabled()
+    fn direct(&self, kernels: Kernels) -> bool {
+        self.k == 3 && self.stride == 1 && self.pad == 1 && kernels.direct()
     }
     fn kk(&self) -> usize {
         self.c_in * self.k * self.k
@@ -210,10 +212,8 @@ impl ConvGeom {
 struct Conv2d {
     stride: usize,
     pad: usize,
-    /// Whether 3×3 stride-1 convolutions may take the direct kernels (else im2col + GEMM).
-    direct: bool,
-    /// Whether the direct kernels multiply in bf16.
-    bf16: bool,
+    /// The kernel family and precision (fixed when the op is made, for its backward pass too).
+    kernels: Kernels,
 }
 
 impl CustomOp3 for Conv2d {
@@ -237,8 +237,9 @@ impl CustomOp3 for Conv2d {
             slice(s3, l3, "conv2d bias")?,
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
-        if self.direct && g.direct() {
-            let out = super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.bf16);
+        if g.direct(self.kernels) {
+            let out =
+                super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
         let img = g.c_in * g.h * g.w;
@@ -287,6 +288,18 @@ impl CustomOp3 for Conv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        timed(OpClass::Convolution, || self.gradients(x, w, grad))
+    }
+}
+
+impl Conv2d {
+    /// The input, weight and bias gradients of [`CustomOp3::bwd`].
+    fn gradients(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         // The input gradient is skipped when nothing upstream needs it (e.g. the image batch).
         let dx = if x.track_op() {
@@ -295,8 +308,7 @@ impl CustomOp3 for Conv2d {
                 &Conv2dBackwardInput {
                     stride: self.stride,
                     pad: self.pad,
-                    direct: self.direct,
-                    bf16: self.bf16,
+                    kernels: self.kernels,
                     h: x.dim(2)?,
                     w: x.dim(3)?,
                 },
@@ -310,8 +322,7 @@ impl CustomOp3 for Conv2d {
             &Conv2dBackwardWeight {
                 stride: self.stride,
                 pad: self.pad,
-                direct: self.direct,
-                bf16: self.bf16,
+                kernels: self.kernels,
                 k: w.dim(2)?,
             },
         )?;
@@ -326,8 +337,7 @@ impl CustomOp3 for Conv2d {
 struct Conv2dBackwardInput {
     stride: usize,
     pad: usize,
-    direct: bool,
-    bf16: bool,
+    kernels: Kernels,
     h: usize,
     w: usize,
 }
@@ -354,8 +364,9 @@ impl CustomOp2 for Conv2dBackwardInput {
             slice(s2, l2, "conv2d weight")?,
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
-        if self.direct && g.direct() {
-            let dx = super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.bf16);
+        if g.direct(self.kernels) {
+            let dx =
+                super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         let img = g.c_in * g.h * g.w;
@@ -480,8 +491,7 @@ fn bias_grad(dy: &[f32], c: usize, n: usize) -> Vec<f32> {
 struct Conv2dBackwardWeight {
     stride: usize,
     pad: usize,
-    direct: bool,
-    bf16: bool,
+    kernels: Kernels,
     k: usize,
 }
 
@@ -500,9 +510,9 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let (gd, xd) = (l1.dims(), l2.dims());
         let g = ConvGeom::new(xd, &[gd[1], xd[1], self.k, self.k], self.stride, self.pad)?;
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
-        let dw = if self.direct && g.direct() {
+        let dw = if g.direct(self.kernels) {
             // Already [dW; db].
-            super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.bf16)
+            super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
         } else {
             let mut dw = weight_grad_im2col(&g, dy, x);
             dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));
@@ -521,38 +531,25 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_with(
-        x,
-        weight,
-        bias,
-        stride,
-        padding,
-        true,
-        super::bf16_convolutions(),
-    )
+    conv2d_with(x, weight, bias, stride, padding, Kernels::current())
 }
 
-/// [`conv2d`], with the direct 3×3 kernels allowed or not and in bf16 or not (tests compare
-/// the paths).
+/// [`conv2d`] with the given kernel family and precision (tests compare them).
 pub fn conv2d_with(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     stride: usize,
     padding: usize,
-    direct: bool,
-    bf16: bool,
+    kernels: Kernels,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        Conv2d {
-            stride,
-            pad: padding,
-            direct,
-            bf16,
-        },
-    )
+    let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    let op = Conv2d {
+        stride,
+        pad: padding,
+        kernels,
+    };
+    timed(OpClass::Convolution, || x.apply_op3(&weight, &bias, op))
 }
 
 /// Nearest ×2 upsampling.

@@ -9,23 +9,13 @@
 //! bf16 kernels ([`super::bf16`]) run on a zero-padded grid (`Grid`: positions y·(W+2) + x,
 //! two computed-and-dropped columns per row), where every tap is a plain load.
 
+use super::Kernels;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Whether this CPU runs these kernels (checked once).
+/// Whether this CPU runs these kernels (AVX-512 F and VL).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::Isa::detected() >= super::Isa::Avx512
 }
 
 pub(crate) const LANES: usize = 16;
@@ -80,10 +70,17 @@ impl Grid {
         }
     }
 
-    /// Drops the padding columns: [C, q] back to [C, H, W].
+    /// Drops the padding columns: [C, q] back to [C, H, W], adding `bias[c]` when given.
     /// Every element of `out` ([C, H, W]) is written.
-    fn drop_padding(&self, q: &[f32], c: usize, out: &mut [MaybeUninit<f32>]) {
+    fn drop_padding(
+        &self,
+        q: &[f32],
+        c: usize,
+        bias: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         for ch in 0..c {
+            let add = bias.map_or(0.0, |b| b[ch]);
             let src = &q[ch * self.q..(ch + 1) * self.q];
             let dst = &mut out[ch * self.h * self.w..(ch + 1) * self.h * self.w];
             for y in 0..self.h {
@@ -92,7 +89,7 @@ impl Grid {
                     &src[y * self.wp..y * self.wp + self.w],
                 );
                 for (d, &s) in d.iter_mut().zip(s) {
-                    d.write(s);
+                    d.write(s + add);
                 }
             }
         }
@@ -138,16 +135,28 @@ pub(crate) fn with_scratch<R>(
 pub(crate) const QV: usize = 2;
 
 /// y [B, Cout, H, W] = conv3x3(x [B, Cin, H, W]) with weights in [Cin, 9, Cout] order (+ bias),
-/// products in bf16 (the caller checks [`super::bf16::available`]).
+/// products in bf16: on AMX tiles with `amx` where the channel counts fit, else with
+/// `vdpbf16ps` (the caller checks that the CPU has what it asks for).
 fn conv_bf16(
     x: &[f32],
     (b, cin, h, w): (usize, usize, usize, usize),
     wt: &[f32],
     cout: usize,
     bias: Option<&[f32]>,
+    amx: bool,
 ) -> Vec<f32> {
+    let amx = amx && super::amx::fits(cin, cout);
     let g = Grid::new(h, w, QV * LANES);
-    let wt2 = super::bf16::pack_weights(wt, cin, cout);
+    let wt2 = if amx {
+        super::amx::pack_weights(wt, cin, cout)
+    } else {
+        Vec::new()
+    };
+    let wv = if amx {
+        Vec::new()
+    } else {
+        super::bf16::pack_weights(wt, cin, cout)
+    };
     let mut out = super::output_buffer(b * cout * h * w);
     out.par_chunks_mut(cout * h * w)
         .enumerate()
@@ -163,26 +172,45 @@ fn conv_bf16(
                 // Every position of every channel is written by the kernel: no clearing.
                 outq.resize(cout * g.q, 0.0);
                 super::bf16::pack_pairs(padded, cin, g.s, pairs);
-                // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq` [cout, q]
-                // with q a multiple of 32, as the kernel requires.
-                unsafe { super::bf16::forward(pairs, &g, cin.div_ceil(2), &wt2, cout, bias, outq) };
-                g.drop_padding(outq, cout, o);
+                if amx {
+                    // The tiles take 16 pairs at a time: zero pairs up to a whole tile.
+                    let n = cin.div_ceil(2) * g.s;
+                    pairs.resize(super::amx::padded_pairs(cin) * g.s, 0);
+                    pairs[n..].fill(0);
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the caller checked AMX; `pairs` holds padded_pairs(cin) rows of
+                    // g.s words (the padding zero), `wt2` is pack_weights' packing for these
+                    // channels (fits checked), `outq` [cout, q] with q a multiple of 32.
+                    unsafe {
+                        super::amx::forward(pairs, &g, cin, &wt2, cout, outq)
+                    };
+                    g.drop_padding(outq, cout, bias, o);
+                } else {
+                    // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq`
+                    // [cout, q] with q a multiple of 32, as the kernel requires.
+                    unsafe {
+                        super::bf16::forward(pairs, &g, cin.div_ceil(2), &wv, cout, bias, outq)
+                    };
+                    g.drop_padding(outq, cout, None, o);
+                }
             })
         });
     // SAFETY: drop_padding wrote every element of every image.
     unsafe { super::assume_init(out) }
 }
 
-/// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3];
-/// with `bf16` (and AVX512-BF16) the products are taken in bf16, accumulated in f32.
+/// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3]; at bf16
+/// precision (where `kernels` has bf16 products) they are taken in bf16, accumulated in f32.
+/// `kernels.isa` must be at least [`super::Isa::Avx512`].
 pub fn forward(
     x: &[f32],
     dims: (usize, usize, usize, usize),
     weight: &[f32],
     cout: usize,
     bias: &[f32],
-    bf16: bool,
+    kernels: Kernels,
 ) -> Vec<f32> {
+    assert!(kernels.direct(), "the direct kernels need AVX-512");
     let cin = dims.1;
     let mut wt = vec![0f32; cin * 9 * cout];
     for co in 0..cout {
@@ -192,22 +220,23 @@ pub fn forward(
             }
         }
     }
-    if bf16 && super::bf16::available() {
-        conv_bf16(x, dims, &wt, cout, Some(bias))
+    if kernels.bf16_vectors() {
+        conv_bf16(x, dims, &wt, cout, Some(bias), kernels.amx())
     } else {
         super::flat::conv(x, dims, &wt, cout, Some(bias))
     }
 }
 
 /// The input gradient: dX [B, Cin, H, W] from dY [B, Cout, H, W] and weight [Cout, Cin, 3, 3]
-/// (`bf16` as for [`forward`]).
+/// (`kernels` as for [`forward`]).
 pub fn backward_input(
     dy: &[f32],
     (b, cout, h, w): (usize, usize, usize, usize),
     weight: &[f32],
     cin: usize,
-    bf16: bool,
+    kernels: Kernels,
 ) -> Vec<f32> {
+    assert!(kernels.direct(), "the direct kernels need AVX-512");
     // dX is dY convolved with the kernel flipped in space and transposed in channels.
     let mut wt = vec![0f32; cout * 9 * cin];
     for co in 0..cout {
@@ -217,26 +246,29 @@ pub fn backward_input(
             }
         }
     }
-    if bf16 && super::bf16::available() {
-        conv_bf16(dy, (b, cout, h, w), &wt, cin, None)
+    if kernels.bf16_vectors() {
+        conv_bf16(dy, (b, cout, h, w), &wt, cin, None, kernels.amx())
     } else {
         super::flat::conv(dy, (b, cout, h, w), &wt, cin, None)
     }
 }
 
 /// The weight and bias gradients, packed as `[dW; db]`: dW `[Cout, Cin, 3, 3]` = Σ over images
-/// and positions of dY ⊗ x's taps (with `bf16` and AVX512-BF16, products of bf16-rounded
-/// operands summed in f32), db `[Cout]` = Σ dY, taken while dY is copied for the kernels.
+/// and positions of dY ⊗ x's taps (at bf16 precision, products of bf16-rounded operands summed
+/// in f32: on AMX tiles where the channel counts are multiples of 16), db `[Cout]` = Σ dY,
+/// taken while dY is copied for the kernels. `kernels` as for [`forward`].
 pub fn backward_weight(
     dy: &[f32],
     x: &[f32],
     (b, cin, h, w): (usize, usize, usize, usize),
     cout: usize,
-    bf16: bool,
+    kernels: Kernels,
 ) -> Vec<f32> {
-    if !(bf16 && super::bf16::available()) {
+    assert!(kernels.direct(), "the direct kernels need AVX-512");
+    if !kernels.bf16_vectors() {
         return super::flat::weight_grad(dy, x, (b, cin, h, w), cout);
     }
+    let amx = kernels.amx() && cin.is_multiple_of(16) && cout.is_multiple_of(16);
     // bf16 steps take 32 positions at a time.
     let step = 2 * LANES;
     let g = Grid::new(h, w, LANES);
@@ -251,6 +283,7 @@ pub fn backward_weight(
         let (dw, db) = dw.split_at_mut(nw);
         let (mut padded, mut dyq) = (Vec::new(), Vec::new());
         let (mut padded16, mut dyq16) = (Vec::new(), Vec::<u16>::new());
+        let mut dyv = Vec::<u32>::new();
         let hw = h * w;
         let mut i0 = images.start;
         let mut last_n = 0;
@@ -286,6 +319,27 @@ pub fn backward_weight(
                 dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
             };
             to16(&padded, &mut padded16);
+            if amx {
+                // dY interleaved by position pairs: word [p, co] = (dY[co, 2p], dY[co, 2p + 1]).
+                dyv.clear();
+                dyv.resize(len / 2 * cout, 0);
+                for co in 0..cout {
+                    let r = &dyq[co * len..(co + 1) * len];
+                    for (p, pair) in r.chunks_exact(2).enumerate() {
+                        dyv[p * cout + co] = super::bf16::bf16_bits(pair[0])
+                            | (super::bf16::bf16_bits(pair[1]) << 16);
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller checked AMX; len is a multiple of 32 with
+                // len + 2·wp + 2 ≤ row, cin and cout are multiples of 16, and the buffers hold
+                // [cin, row], [len/2, cout] and [cout, cin, 9].
+                unsafe {
+                    super::amx::weight_grad(&padded16, row, &dyv, len, g.wp, cin, cout, dw)
+                };
+                i0 += n;
+                continue;
+            }
             to16(&dyq, &mut dyq16);
             // SAFETY: AVX512-BF16 is available (checked above), and weight_grad calls the
             // kernel only within the bounds it asserts.

@@ -1,22 +1,35 @@
 //! The UNet's hot operations, kept behind one small interface.
 //!
 //! The model calls only these functions for convolution, GroupNorm (+ scale-shift + SiLU),
-//! attention and upsampling. On the CPU with f32 they run hand-written kernels, each with its own
-//! backward pass: direct AVX-512 3×3 convolutions ([`direct`], with a bf16 variant in [`bf16`]),
-//! im2col + `gemm` for the other convolutions and for CPUs without AVX-512 ([`cpu`]), fused
-//! GroupNorm ([`norm`]) and attention ([`mod@attention`]). Elsewhere they are compositions of plain
-//! Candle ops ([`mod@reference`]), which also serve as the oracle in tests. Setting
-//! `DDPM_PLAIN_OPS=1` forces the plain path everywhere.
+//! attention and upsampling. On the CPU with f32 tensors they run hand-written kernels, each with
+//! its own backward pass, in the family ([`Isa`]) the CPU runs, chosen at run time:
+//! - AMX-BF16 tiles ([`amx`]) and AVX512-BF16 vector products ([`bf16`]) for the 3×3
+//!   convolutions at bf16 precision ([`set_precision`]);
+//! - direct AVX-512 3×3 convolutions ([`direct`]) and AVX-512 GroupNorm/SiLU ([`norm`]);
+//! - im2col + `gemm` for the other convolutions and for CPUs without AVX-512 ([`cpu`]), the
+//!   element-wise loops compiled for AVX2 + FMA or for baseline x86-64.
+//!
+//! Attention ([`mod@attention`]) is shared by all. Elsewhere (other devices and dtypes) the ops
+//! are compositions of plain Candle ops ([`mod@reference`]), which also serve as the oracle in
+//! tests. `DDPM_ISA=avx2` (or [`set_isa_limit`]) caps the family; `DDPM_PLAIN_OPS=1` forces the
+//! plain path everywhere.
 
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod cpu;
 pub mod direct;
 mod flat;
+mod isa;
 pub mod norm;
+pub mod profile;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+
+pub use isa::{
+    isa, isa_from_env, set_isa_limit, Isa, Kernels, Precision, UnknownIsa, UnknownPrecision,
+};
 
 use candle_core::{DType, Result, Tensor};
 use std::mem::MaybeUninit;
@@ -25,22 +38,32 @@ use std::sync::OnceLock;
 
 static BF16_CONVOLUTIONS: AtomicBool = AtomicBool::new(false);
 
-/// Lets the direct 3×3 convolutions (forward, input and weight gradients) multiply in bf16 with
-/// f32 accumulation, where the CPU has AVX512-BF16. Process-wide, like Candle's own reduced-
-/// precision switches; weights, bias gradients and every other op stay f32.
-pub fn set_bf16_convolutions(on: bool) {
-    BF16_CONVOLUTIONS.store(on, Ordering::Relaxed);
+/// Sets the precision of the 3×3 convolutions (forward, input and weight gradients) of ops
+/// created from now on: at [`Precision::Bf16`] they multiply in bf16 with f32 accumulation
+/// where the CPU has AMX or AVX512-BF16. Process-wide, like Candle's own reduced-precision
+/// switches; weights, bias gradients and every other op stay f32.
+pub fn set_precision(p: Precision) {
+    BF16_CONVOLUTIONS.store(p == Precision::Bf16, Ordering::Relaxed);
 }
 
-/// Whether convolutions created now take the bf16 kernels (asked for and supported).
+/// The precision set by [`set_precision`].
+pub fn precision() -> Precision {
+    if BF16_CONVOLUTIONS.load(Ordering::Relaxed) {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
+
+/// Whether convolutions created now take bf16 kernels (asked for and supported).
 pub fn bf16_convolutions() -> bool {
     BF16_CONVOLUTIONS.load(Ordering::Relaxed) && bf16_supported()
 }
 
-/// Whether this CPU and configuration can take the bf16 kernels at all: AVX512-BF16, and the
-/// direct kernels they belong to enabled.
+/// Whether this CPU, within the kernel family limit, has bf16 convolution kernels (AMX or
+/// AVX512-BF16).
 pub fn bf16_supported() -> bool {
-    bf16::available() && direct_enabled()
+    isa() >= Isa::Avx512Bf16
 }
 
 /// An uninitialised buffer of `n` f32 for an output that a kernel writes in full; see
@@ -83,24 +106,13 @@ fn plain_forced() -> bool {
     *PLAIN.get_or_init(|| env_flag("DDPM_PLAIN_OPS"))
 }
 
-/// Whether 3×3 convolutions use the direct AVX-512 kernels: when the CPU has AVX-512 and
-/// `DDPM_NO_DIRECT_CONV` is not set (it selects the im2col + GEMM kernels instead).
-pub fn direct_enabled() -> bool {
-    static DIRECT: OnceLock<bool> = OnceLock::new();
-    *DIRECT.get_or_init(|| direct::available() && !env_flag("DDPM_NO_DIRECT_CONV"))
-}
-
-/// The CPU kernels this process uses for f32 tensors, in words (benchmarks and logs name it
+/// The CPU kernels ops created now use for f32 tensors, in words (benchmarks and logs name it
 /// beside their figures).
-pub fn kernel_variant() -> &'static str {
+pub fn kernel_variant() -> String {
     if plain_forced() {
-        "plain Candle ops (DDPM_PLAIN_OPS)"
-    } else if direct_enabled() && bf16::available() {
-        "direct AVX-512 3x3 convolutions (bf16 products available: AVX512-BF16)"
-    } else if direct_enabled() {
-        "direct AVX-512 3x3 convolutions"
+        "plain Candle ops (DDPM_PLAIN_OPS)".to_string()
     } else {
-        "im2col + GEMM convolutions"
+        Kernels::current().describe()
     }
 }
 

@@ -3,10 +3,12 @@
 //!
 //! One pass computes each group's statistics (f32 lanes, f64 totals), one more normalises,
 //! applies the affine and FiLM terms and SiLU; the backward pass needs two passes and keeps only
-//! two sums per channel. The per-group loops are compiled a second time for AVX-512 and picked at
-//! run time (the crates are built for baseline x86-64).
+//! two sums per channel. The per-group loops are compiled again for AVX-512 and for AVX2 + FMA
+//! and picked by the op's kernel family (the crates are built for baseline x86-64).
 
 use super::cpu::slice;
+use super::profile::{timed, OpClass};
+use super::Isa;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -19,6 +21,8 @@ struct GroupNorm {
     eps: f64,
     silu: bool,
     scale_shift: bool,
+    /// The kernel family (fixed when the op is made, for its backward pass too).
+    isa: Isa,
 }
 
 struct GnDims {
@@ -60,7 +64,7 @@ impl GroupNorm {
     fn stats(&self, xg: &[f32]) -> (f32, f32) {
         let n = xg.len() as f64;
         let k = xg.first().copied().unwrap_or(0.0);
-        let (t1, t2) = shifted_sums(xg, k);
+        let (t1, t2) = shifted_sums(xg, k, self.isa);
         let var = ((t2 - t1 * t1 / n) / n).max(0.0);
         (
             (k as f64 + t1 / n) as f32,
@@ -94,8 +98,8 @@ impl GroupNorm {
                 #[allow(unused_mut)]
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::available() {
-                    // SAFETY: the CPU has the features `simd` needs.
+                if self.isa >= Isa::Avx512 {
+                    // SAFETY: the CPU has AVX-512 (Kernels never exceed the CPU's family).
                     done = unsafe { super::simd::silu_affine(orow, xrow, a, sh0) };
                 }
                 for (ov, &xv) in orow[done..].iter_mut().zip(&xrow[done..]) {
@@ -146,7 +150,7 @@ impl GroupNorm {
             #[allow(unused_mut)]
             let mut start = 0;
             #[cfg(target_arch = "x86_64")]
-            if silu && super::simd::available() {
+            if silu && self.isa >= Isa::Avx512 {
                 // SAFETY: the CPU has the features `simd` needs.
                 let (s, sx, done) =
                     unsafe { super::simd::silu_backward(dzs, xs, ds, mean, rstd, a, z0) };
@@ -236,10 +240,10 @@ fn sigmoid(z: f32) -> f32 {
 
 /// Σ(x - k) and Σ(x - k)²: with AVX-512 in f32 lanes of at most 64 values added up in f64
 /// ([`super::simd::shifted_sums`]), elsewhere in f64 throughout.
-fn shifted_sums(xg: &[f32], k: f32) -> (f64, f64) {
+fn shifted_sums(xg: &[f32], k: f32, isa: Isa) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::available() {
-        // SAFETY: the CPU has the features `simd` needs.
+    if isa >= Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 (an op's family never exceeds the CPU's).
         return unsafe { super::simd::shifted_sums(xg, k) };
     }
     let (mut t1, mut t2) = (0f64, 0f64);
@@ -269,6 +273,32 @@ unsafe fn forward_group_avx512(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn backward_group_avx512(
+    op: &GroupNorm,
+    a: GroupArgs,
+    dxg: &mut [MaybeUninit<f32>],
+    part: &mut [f32],
+) {
+    op.backward_group(a, dxg, part)
+}
+
+/// [`GroupNorm::forward_group`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_group_avx2(
+    op: &GroupNorm,
+    p: &[f32],
+    d: &GnDims,
+    i: usize,
+    o: &mut [MaybeUninit<f32>],
+    xg: &[f32],
+) {
+    op.forward_group(p, d, i, o, xg)
+}
+
+/// [`GroupNorm::backward_group`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_group_avx2(
     op: &GroupNorm,
     a: GroupArgs,
     dxg: &mut [MaybeUninit<f32>],
@@ -311,9 +341,15 @@ impl CustomOp2 for GroupNorm {
             .enumerate()
             .for_each(|(i, (o, xg))| {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::available() {
-                    // SAFETY: the CPU has the features the wrapper enables.
-                    return unsafe { forward_group_avx512(self, p, &d, i, o, xg) };
+                match self.isa {
+                    // SAFETY: the CPU has the features the wrapper enables (an op's family
+                    // never exceeds the CPU's).
+                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
+                        return unsafe { forward_group_avx512(self, p, &d, i, o, xg) }
+                    }
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { forward_group_avx2(self, p, &d, i, o, xg) },
+                    Isa::Portable => {}
                 }
                 self.forward_group(p, &d, i, o, xg)
             });
@@ -329,7 +365,9 @@ impl CustomOp2 for GroupNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormBackward(*self))?;
+        let packed = timed(OpClass::Norm, || {
+            x.apply_op3_no_bwd(params, &grad.contiguous()?, &GroupNormBackward(*self))
+        })?;
         let nx = x.elem_count();
         let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dp = packed.narrow(0, nx, params.elem_count())?;
@@ -379,9 +417,15 @@ impl CustomOp3 for GroupNormBackward {
                     i,
                 };
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::available() {
-                    // SAFETY: the CPU has the features the wrapper enables.
-                    return unsafe { backward_group_avx512(op, a, dxg, part) };
+                match op.isa {
+                    // SAFETY: the CPU has the features the wrapper enables (an op's family
+                    // never exceeds the CPU's).
+                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
+                        return unsafe { backward_group_avx512(op, a, dxg, part) }
+                    }
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { backward_group_avx2(op, a, dxg, part) },
+                    Isa::Portable => {}
                 }
                 op.backward_group(a, dxg, part)
             });
@@ -418,19 +462,47 @@ pub fn group_norm(
     scale_shift: Option<(&Tensor, &Tensor)>,
     silu: bool,
 ) -> Result<Tensor> {
+    group_norm_with(
+        x,
+        groups,
+        weight,
+        bias,
+        eps,
+        scale_shift,
+        silu,
+        super::isa(),
+    )
+}
+
+/// [`group_norm`] with the given kernel family (capped at the CPU's; tests compare them).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_with(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    scale_shift: Option<(&Tensor, &Tensor)>,
+    silu: bool,
+    isa: Isa,
+) -> Result<Tensor> {
     let mut parts = vec![weight.flatten_all()?, bias.flatten_all()?];
     if let Some((scale, shift)) = scale_shift {
         let b = x.dim(0)?;
         parts.push(Tensor::cat(&[scale, shift], 1)?.reshape(b * 2 * x.dim(1)?)?);
     }
     let params = Tensor::cat(&parts, 0)?;
-    x.contiguous()?.apply_op2(
-        &params,
-        GroupNorm {
-            groups,
-            eps,
-            silu,
-            scale_shift: scale_shift.is_some(),
-        },
-    )
+    let x = x.contiguous()?;
+    timed(OpClass::Norm, || {
+        x.apply_op2(
+            &params,
+            GroupNorm {
+                groups,
+                eps,
+                silu,
+                scale_shift: scale_shift.is_some(),
+                isa: isa.min(Isa::detected()),
+            },
+        )
+    })
 }

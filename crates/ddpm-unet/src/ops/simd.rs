@@ -1,25 +1,12 @@
 //! AVX-512 row kernels for GroupNorm's element-wise passes, written with intrinsics where LLVM
 //! left the portable loops slow: lane-array sums stayed scalar, and SiLU's sigmoid divided
-//! (`vdivps` on 16 lanes took a third of the forward pass). Callers check [`available`] and
+//! (`vdivps` on 16 lanes took a third of the forward pass). Callers check the op's [`super::Isa`] and
 //! keep a portable loop for other CPUs; the results agree with it to a few ulp.
 
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
-
-/// Whether the CPU has AVX-512F and VL, AVX2 and FMA (checked once): what these kernels and
-/// GroupNorm's AVX-512 builds of its loops need. The crates are built for baseline x86-64, so
-/// without them the element-wise loops use SSE2.
-pub(crate) fn available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    })
-}
 
 /// The sum of the 16 lanes, in f64.
 #[target_feature(enable = "avx512f")]

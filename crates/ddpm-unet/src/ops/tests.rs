@@ -1,6 +1,6 @@
 //! Every fast kernel against the plain-Candle oracle: outputs and gradients on random inputs.
 
-use super::{cpu, reference};
+use super::{cpu, reference, Isa, Kernels};
 use candle_core::{DType, Device, Tensor, Var};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -70,8 +70,9 @@ fn run(
 
 #[test]
 fn conv2d_matches_candle_forward_and_backward() {
-    // (batch, c_in, c_out, height, width, kernel, stride, padding). The 3×3 stride-1 cases take
-    // the direct kernels where the CPU has AVX-512 and are also run through im2col + GEMM:
+    // (batch, c_in, c_out, height, width, kernel, stride, padding), through every kernel family
+    // this CPU runs. The 3×3 stride-1 cases take the direct kernels from AVX-512 up and
+    // im2col + GEMM below:
     // c_out 17 and 5 exercise the 8-, 4- and 1-channel blocks; 14×14 fills whole blocks of
     // positions, 28×28 and 7×7 end in a partial one; 6×11 is a rectangle.
     for &(b, ci, co, h, w, k, stride, pad) in &[
@@ -93,11 +94,12 @@ fn conv2d_matches_candle_forward_and_backward() {
         let (o2, g2) = run(&inputs, 9, |t| {
             reference::conv2d(&t[0], &t[1], &t[2], stride, pad).unwrap()
         });
-        for direct in [true, false] {
+        for isa in Isa::supported_all() {
+            let kernels = Kernels::new(isa, false);
             let (o1, g1) = run(&inputs, 9, |t| {
-                cpu::conv2d_with(&t[0], &t[1], &t[2], stride, pad, direct, false).unwrap()
+                cpu::conv2d_with(&t[0], &t[1], &t[2], stride, pad, kernels).unwrap()
             });
-            let what = format!("conv {h}x{w} k{k} s{stride} p{pad} c{ci}->{co} direct {direct}");
+            let what = format!("conv {h}x{w} k{k} s{stride} p{pad} c{ci}->{co} {isa}");
             close(&o1, &o2, 1e-5, &format!("{what} output"));
             for (i, name) in ["dx", "dw", "db"].iter().enumerate() {
                 close(&g1[i], &g2[i], 1e-4, &format!("{what} {name}"));
@@ -154,26 +156,35 @@ fn group_norm_matches_candle_in_every_variant() {
             inputs.push(rand(&[b, c], 7));
             inputs.push(rand(&[b, c], 8));
         }
-        let f = |fast: bool| {
+        let f = |fast: Option<Isa>| {
             move |t: &[Tensor]| {
                 let s = if ss { Some((&t[3], &t[4])) } else { None };
-                if fast {
-                    super::norm::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
-                } else {
-                    reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap()
+                match fast {
+                    Some(isa) => {
+                        super::norm::group_norm_with(&t[0], 32, &t[1], &t[2], 1e-5, s, silu, isa)
+                            .unwrap()
+                    }
+                    None => reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap(),
                 }
             }
         };
-        let (o1, g1) = run(&inputs, 10, f(true));
-        let (o2, g2) = run(&inputs, 10, f(false));
-        close(&o1, &o2, 1e-5, &format!("gn ss={ss} silu={silu} output"));
-        for i in 0..inputs.len() {
+        let (o2, g2) = run(&inputs, 10, f(None));
+        for isa in Isa::supported_all() {
+            let (o1, g1) = run(&inputs, 10, f(Some(isa)));
             close(
-                &g1[i],
-                &g2[i],
-                1e-4,
-                &format!("gn ss={ss} silu={silu} grad {i}"),
+                &o1,
+                &o2,
+                1e-5,
+                &format!("gn ss={ss} silu={silu} {isa} output"),
             );
+            for i in 0..inputs.len() {
+                close(
+                    &g1[i],
+                    &g2[i],
+                    1e-4,
+                    &format!("gn ss={ss} silu={silu} {isa} grad {i}"),
+                );
+            }
         }
     }
     // 3-D input, as in attention blocks.
@@ -236,49 +247,68 @@ fn bf16_rounding_is_nearest_even() {
 
 #[test]
 fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
-    if !super::bf16_supported() {
+    let families: Vec<Isa> = Isa::supported_all()
+        .into_iter()
+        .filter(|&i| i >= Isa::Avx512Bf16)
+        .collect();
+    if families.is_empty() {
         eprintln!("no AVX512-BF16 here: the bf16 kernels are not used, nothing to test");
         return;
     }
     // c_in 5 pairs its last channel with zero; c_out 13 takes the 8-, 4- and 1-channel blocks.
-    for &(b, ci, co, h, w) in &[(2, 5, 13, 9, 9), (3, 32, 16, 14, 14), (1, 4, 2, 28, 28)] {
-        let x = rand(&[b, ci, h, w], 21);
-        let wt = rand(&[co, ci, 3, 3], 22);
-        let bias = rand(&[co], 23);
-        let got = cpu::conv2d_with(&x, &wt, &bias, 1, 1, true, true).unwrap();
-        let want = reference::conv2d(&to_bf16(&x), &to_bf16(&wt), &bias, 1, 1).unwrap();
-        close(&got, &want, 1e-5, &format!("bf16 conv {ci}->{co} {h}x{w}"));
-        // Within bf16's precision of the unrounded f32 result.
-        let exact = reference::conv2d(&x, &wt, &bias, 1, 1).unwrap();
-        close(&got, &exact, 3e-2, "bf16 conv against f32");
-        // The input gradient goes through the same kernel with the transposed weights.
-        let inputs = [x.clone(), wt.clone(), bias.clone()];
-        let (_, g1) = run(&inputs, 24, |t| {
-            cpu::conv2d_with(&t[0], &t[1], &t[2], 1, 1, true, true).unwrap()
-        });
-        let (_, g3) = run(&inputs, 24, |t| {
-            reference::conv2d(&t[0], &t[1], &t[2], 1, 1).unwrap()
-        });
-        let dx_want = {
-            // dX of the rounded problem: weights and output gradient (the probe) rounded.
-            let p = to_bf16(&rand(&[b, co, h, w], 24));
-            let xv = Var::from_tensor(&x).unwrap();
-            let y = reference::conv2d(xv.as_tensor(), &to_bf16(&wt), &bias, 1, 1).unwrap();
-            let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
-            grads.get(xv.as_tensor()).unwrap().clone()
-        };
-        close(&g1[0], &dx_want, 1e-5, "bf16 conv dx");
-        // The weight gradient: products of rounded inputs and output gradient, f32 sums.
-        let dw_want = {
-            let p = to_bf16(&rand(&[b, co, h, w], 24));
-            let wv = Var::from_tensor(&wt).unwrap();
-            let y = reference::conv2d(&to_bf16(&x), wv.as_tensor(), &bias, 1, 1).unwrap();
-            let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
-            grads.get(wv.as_tensor()).unwrap().clone()
-        };
-        close(&g1[1], &dw_want, 1e-5, "bf16 conv dw");
-        // The bias gradient stays f32.
-        close(&g1[2], &g3[2], 1e-4, "bf16 conv db");
+    // On AMX: 32 -> 16 and 16 -> 32 fill whole tiles (one and two output tiles), 48 -> 48 pads
+    // the input pairs to two tiles and ends on a single output tile, 96 -> 64 at 7×7 is the
+    // UNet's; 5 -> 13 and 4 -> 2 go to the vector kernels.
+    let shapes = [
+        (2, 5, 13, 9, 9),
+        (3, 32, 16, 14, 14),
+        (1, 4, 2, 28, 28),
+        (2, 16, 32, 28, 28),
+        (2, 48, 48, 6, 11),
+        (3, 96, 64, 7, 7),
+    ];
+    for isa in families {
+        let kernels = Kernels::new(isa, true);
+        for &(b, ci, co, h, w) in &shapes {
+            let x = rand(&[b, ci, h, w], 21);
+            let wt = rand(&[co, ci, 3, 3], 22);
+            let bias = rand(&[co], 23);
+            let got = cpu::conv2d_with(&x, &wt, &bias, 1, 1, kernels).unwrap();
+            let want = reference::conv2d(&to_bf16(&x), &to_bf16(&wt), &bias, 1, 1).unwrap();
+            let what = format!("bf16 conv {ci}->{co} {h}x{w} {isa}");
+            close(&got, &want, 1e-5, &what);
+            // Within bf16's precision of the unrounded f32 result.
+            let exact = reference::conv2d(&x, &wt, &bias, 1, 1).unwrap();
+            close(&got, &exact, 3e-2, &format!("{what} against f32"));
+            // The input gradient goes through the same kernel with the transposed weights.
+            let inputs = [x.clone(), wt.clone(), bias.clone()];
+            let (_, g1) = run(&inputs, 24, |t| {
+                cpu::conv2d_with(&t[0], &t[1], &t[2], 1, 1, kernels).unwrap()
+            });
+            let (_, g3) = run(&inputs, 24, |t| {
+                reference::conv2d(&t[0], &t[1], &t[2], 1, 1).unwrap()
+            });
+            let dx_want = {
+                // dX of the rounded problem: weights and output gradient (the probe) rounded.
+                let p = to_bf16(&rand(&[b, co, h, w], 24));
+                let xv = Var::from_tensor(&x).unwrap();
+                let y = reference::conv2d(xv.as_tensor(), &to_bf16(&wt), &bias, 1, 1).unwrap();
+                let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+                grads.get(xv.as_tensor()).unwrap().clone()
+            };
+            close(&g1[0], &dx_want, 1e-5, &format!("{what} dx"));
+            // The weight gradient: products of rounded inputs and output gradient, f32 sums.
+            let dw_want = {
+                let p = to_bf16(&rand(&[b, co, h, w], 24));
+                let wv = Var::from_tensor(&wt).unwrap();
+                let y = reference::conv2d(&to_bf16(&x), wv.as_tensor(), &bias, 1, 1).unwrap();
+                let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+                grads.get(wv.as_tensor()).unwrap().clone()
+            };
+            close(&g1[1], &dw_want, 1e-5, &format!("{what} dw"));
+            // The bias gradient stays f32.
+            close(&g1[2], &g3[2], 1e-4, &format!("{what} db"));
+        }
     }
 }
 
