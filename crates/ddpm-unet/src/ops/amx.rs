@@ -83,21 +83,21 @@ pub fn padded_pairs(cin: usize) -> usize {
     cin.div_ceil(2).div_ceil(16) * 16
 }
 
-/// Packs weights in [Cin, 9, Cout] order as the forward kernel's 16×32 tiles,
+/// Packs weights in [Cin, taps, Cout] order as the forward kernel's 16×32 tiles,
 /// [Cout/16][pair tile][tap][16 rows][32 bf16]: row r of a tile holds output channel
 /// 16·block + r, and its 32 values the input channels 32·(pair tile) .. + 32 (zero past Cin).
-pub fn pack_weights(wt: &[f32], cin: usize, cout: usize) -> Vec<u16> {
+pub fn pack_weights(wt: &[f32], cin: usize, taps: usize, cout: usize) -> Vec<u16> {
     let kt = padded_pairs(cin) / 16;
-    let mut out = vec![0u16; (cout / 16) * kt * 9 * 512];
+    let mut out = vec![0u16; (cout / 16) * kt * taps * 512];
     for cb in 0..cout / 16 {
         for k in 0..kt {
-            for t in 0..9 {
-                let tile = &mut out[((cb * kt + k) * 9 + t) * 512..][..512];
+            for t in 0..taps {
+                let tile = &mut out[((cb * kt + k) * taps + t) * 512..][..512];
                 for r in 0..16 {
                     for e in 0..32 {
                         let ci = 32 * k + e;
                         if ci < cin {
-                            let v = wt[(ci * 9 + t) * cout + 16 * cb + r];
+                            let v = wt[(ci * taps + t) * cout + 16 * cb + r];
                             tile[r * 32 + e] = super::bf16::bf16_bits(v) as u16;
                         }
                     }
@@ -152,12 +152,13 @@ impl Drop for Tiles {
     }
 }
 
-/// outq[co, q] = Σ_pairs Σ_tap W · pairs[pair, q + off(tap)] for every co and every q < g.q.
+/// The 3×3 convolution on the padded grid: outq[co, q] = Σ_pairs Σ_tap W · pairs[pair,
+/// q + off(tap)] for every co and every q < g.q.
 ///
 /// # Safety
 /// [`available`] must be true; `pairs` holds [`padded_pairs`] rows of g.s words (the padding
-/// rows zero), `wa` is [`pack_weights`]'s packing for these channels with [`fits`] true,
-/// `outq` holds [cout, g.q], and g.q is a multiple of 32.
+/// rows zero), `wa` is [`pack_weights`]'s packing (9 taps) for these channels with [`fits`]
+/// true, `outq` holds [cout, g.q], and g.q is a multiple of 32.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn forward(
     pairs: &[u32],
@@ -167,16 +168,42 @@ pub(crate) unsafe fn forward(
     cout: usize,
     outq: &mut [f32],
 ) {
+    let offs: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
+    // SAFETY: forwarded; s covers the furthest tap of the last block (Grid's layout).
+    unsafe { products(pairs, g.q, g.s, &offs, cin, wa, cout, outq) }
+}
+
+/// outq[co, q] = Σ_pairs Σ_tap W[co, pair, tap] · pairs[pair, q + offs[tap]] for every co and
+/// every q < q_len: `pairs` rows of `s` words, outq rows of q_len floats.
+///
+/// # Safety
+/// [`available`] must be true; `pairs` holds [`padded_pairs`] rows of s words (the padding
+/// rows zero) with q_len + max(offs) ≤ s (every tile read inside its row),
+/// `wa` is [`pack_weights`]'s packing for these channels and offs.len() taps with [`fits`]
+/// true, `outq` holds [cout, q_len], and q_len is a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn products(
+    pairs: &[u32],
+    q_len: usize,
+    s: usize,
+    offs: &[usize],
+    cin: usize,
+    wa: &[u16],
+    cout: usize,
+    outq: &mut [f32],
+) {
     let kt = padded_pairs(cin) / 16;
+    let taps = offs.len();
     assert!(
-        g.q.is_multiple_of(32)
-            && pairs.len() >= kt * 16 * g.s
-            && wa.len() >= (cout / 16) * kt * 9 * 512
-            && outq.len() >= cout * g.q
+        q_len.is_multiple_of(32)
+            && q_len + offs.iter().max().copied().unwrap_or(0) <= s
+            && pairs.len() >= kt * 16 * s
+            && wa.len() >= (cout / 16) * kt * taps * 512
+            && outq.len() >= cout * q_len
             && fits(cin, cout)
     );
-    let offs: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
-    let (bstride, cstride) = (g.s * 4, g.q * 4);
+    let (bstride, cstride) = (s * 4, q_len * 4);
     // SAFETY: the caller guarantees AMX.
     let _tiles = unsafe { Tiles::configure() };
     let mut cb = 0;
@@ -184,9 +211,9 @@ pub(crate) unsafe fn forward(
         // Two output-channel tiles at a time where two are left: four accumulators.
         let two = cb + 1 < cout / 16;
         let mut q0 = 0;
-        while q0 < g.q {
+        while q0 < q_len {
             // SAFETY (all tile blocks below): tile rows read are inside `pairs` (rows
-            // 16·k .. 16·k + 16, words q0 + off .. q0 + off + 32 < s) and `wa` (whole tiles),
+            // 16·k .. 16·k + 16, words q0 + off .. q0 + off + 32 ≤ s) and `wa` (whole tiles),
             // and rows written inside `outq` (rows 16·cb .. + 32, positions q0 .. q0 + 32);
             // all bounds follow from the assert and the layout contracts.
             unsafe {
@@ -199,8 +226,8 @@ pub(crate) unsafe fn forward(
                 );
                 for k in 0..kt {
                     for (t, &off) in offs.iter().enumerate() {
-                        let b = pairs.as_ptr().add(16 * k * g.s + q0 + off);
-                        let a0 = wa.as_ptr().add(((cb * kt + k) * 9 + t) * 512);
+                        let b = pairs.as_ptr().add(16 * k * s + q0 + off);
+                        let a0 = wa.as_ptr().add(((cb * kt + k) * taps + t) * 512);
                         std::arch::asm!(
                             "tileloadd tmm4, [{a} + {sa} * 1]",
                             "tileloadd tmm6, [{b} + {sb} * 1]",
@@ -215,7 +242,7 @@ pub(crate) unsafe fn forward(
                             options(nostack, readonly),
                         );
                         if two {
-                            let a1 = a0.add(kt * 9 * 512);
+                            let a1 = a0.add(kt * taps * 512);
                             std::arch::asm!(
                                 "tileloadd tmm5, [{a} + {sa} * 1]",
                                 "tdpbf16ps tmm2, tmm5, tmm6",
@@ -227,7 +254,7 @@ pub(crate) unsafe fn forward(
                         }
                     }
                 }
-                let c0 = outq.as_mut_ptr().add(16 * cb * g.q + q0);
+                let c0 = outq.as_mut_ptr().add(16 * cb * q_len + q0);
                 std::arch::asm!(
                     "tilestored [{c} + {sc} * 1], tmm0",
                     "tilestored [{c2} + {sc} * 1], tmm1",
@@ -237,7 +264,7 @@ pub(crate) unsafe fn forward(
                     options(nostack),
                 );
                 if two {
-                    let c1 = c0.add(16 * g.q);
+                    let c1 = c0.add(16 * q_len);
                     std::arch::asm!(
                         "tilestored [{c} + {sc} * 1], tmm2",
                         "tilestored [{c2} + {sc} * 1], tmm3",
@@ -254,13 +281,14 @@ pub(crate) unsafe fn forward(
     }
 }
 
-/// dw[co, ci, tap] += Σ_{q < len} dY[co, q] · x[ci, q + ky·wp + kx] for every (co, ci, tap), from
-/// the staged bf16 input rows `x16` ([cin, row]) and the output gradient interleaved by position
-/// pairs, `dyv` ([len/2, cout] words holding (dY[co, 2p], dY[co, 2p + 1])).
+/// dw[co, ci, tap] += Σ_{q < len} dY[co, q] · x[ci, q + ky·wp + kx] for every (co, ci, tap) of a
+/// k×k kernel (k = 3, or 1 for a pointwise convolution, where wp is unused), from the staged
+/// bf16 input rows `x16` ([cin, row]) and the output gradient interleaved by position pairs,
+/// `dyv` ([len/2, cout] words holding (dY[co, 2p], dY[co, 2p + 1])).
 ///
 /// # Safety
-/// [`available`] must be true; len is a multiple of 32, len + 2·wp + 2 ≤ row, cin and cout are
-/// multiples of 16, and the slices hold what is described.
+/// [`available`] must be true; k is 1 or 3, len is a multiple of 32, len + (k - 1)·(wp + 1) ≤
+/// row, cin and cout are multiples of 16, and the slices hold what is described.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn weight_grad(
@@ -269,18 +297,20 @@ pub(crate) unsafe fn weight_grad(
     dyv: &[u32],
     len: usize,
     wp: usize,
+    k: usize,
     cin: usize,
     cout: usize,
     dw: &mut [f32],
 ) {
     assert!(
-        len.is_multiple_of(32)
-            && len + 2 * wp + 2 <= row
+        (k == 1 || k == 3)
+            && len.is_multiple_of(32)
+            && len + (k - 1) * (wp + 1) <= row
             && cin.is_multiple_of(16)
             && cout.is_multiple_of(16)
             && x16.len() >= cin * row
             && dyv.len() >= len / 2 * cout
-            && dw.len() >= cout * cin * 9
+            && dw.len() >= cout * cin * k * k
     );
     let (astride, bstride) = (row * 2, cout * 4);
     let mut c = [[0f32; 256]; 3];
@@ -288,11 +318,11 @@ pub(crate) unsafe fn weight_grad(
     let _tiles = unsafe { Tiles::configure() };
     for ci0 in (0..cin).step_by(16) {
         for co0 in (0..cout).step_by(16) {
-            for ky in 0..3 {
+            for ky in 0..k {
                 // SAFETY (all tile blocks): A rows are x16 rows ci0 .. ci0 + 16 from
-                // ky·wp + q0 (+ 0, 1, 2) for 32 values, inside each row since
-                // q0 + 32 + 2·wp + 2 ≤ row; B rows are dyv rows q0/2 .. q0/2 + 16, words
-                // co0 .. co0 + 16; the stores go to `c`, three 16×16 f32 tiles.
+                // ky·wp + q0 (+ 0, 1, 2; + 0 alone when k = 1) for 32 values, inside each row
+                // since q0 + 32 + (k - 1)·(wp + 1) ≤ row; B rows are dyv rows q0/2 .. q0/2 + 16,
+                // words co0 .. co0 + 16; the stores go to `c`, three 16×16 f32 tiles.
                 unsafe {
                     std::arch::asm!(
                         "tilezero tmm0",
@@ -304,6 +334,20 @@ pub(crate) unsafe fn weight_grad(
                     while q0 < len {
                         let a = x16.as_ptr().add(ci0 * row + ky * wp + q0);
                         let b = dyv.as_ptr().add(q0 / 2 * cout + co0);
+                        if k == 1 {
+                            std::arch::asm!(
+                                "tileloadd tmm7, [{b} + {sb} * 1]",
+                                "tileloadd tmm4, [{a0} + {sa} * 1]",
+                                "tdpbf16ps tmm0, tmm4, tmm7",
+                                b = in(reg) b,
+                                sb = in(reg) bstride,
+                                a0 = in(reg) a,
+                                sa = in(reg) astride,
+                                options(nostack, readonly),
+                            );
+                            q0 += 32;
+                            continue;
+                        }
                         std::arch::asm!(
                             "tileloadd tmm7, [{b} + {sb} * 1]",
                             "tileloadd tmm4, [{a0} + {sa} * 1]",
@@ -336,9 +380,9 @@ pub(crate) unsafe fn weight_grad(
                 // c[kx][i·16 + o] is the sum for input channel ci0 + i, output co0 + o.
                 for i in 0..16 {
                     for o in 0..16 {
-                        let d = &mut dw[((co0 + o) * cin + ci0 + i) * 9 + ky * 3..][..3];
-                        for kx in 0..3 {
-                            d[kx] += c[kx][i * 16 + o];
+                        let d = &mut dw[((co0 + o) * cin + ci0 + i) * k * k + ky * k..][..k];
+                        for (kx, d) in d.iter_mut().enumerate() {
+                            *d += c[kx][i * 16 + o];
                         }
                     }
                 }

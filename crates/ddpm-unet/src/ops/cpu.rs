@@ -242,6 +242,16 @@ impl CustomOp3 for Conv2d {
                 super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
+        if g.pointwise() && self.kernels.amx() && super::amx::fits(g.c_in, co) {
+            let mut wt_t = vec![0f32; g.c_in * co];
+            for (o, row) in wt.chunks_exact(g.c_in).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    wt_t[i * co + o] = v;
+                }
+            }
+            let out = super::pointwise::forward(x, (g.b, g.c_in, n), &wt_t, co, Some(bias));
+            return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
+        }
         let img = g.c_in * g.h * g.w;
         // Each row is filled with its bias before the GEMM adds to it.
         let mut out = super::output_buffer(g.b * co * n);
@@ -367,6 +377,12 @@ impl CustomOp2 for Conv2dBackwardInput {
         if g.direct(self.kernels) {
             let dx =
                 super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
+            return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
+        }
+        if g.pointwise() && self.kernels.amx() && super::amx::fits(co, g.c_in) {
+            // dX = Wᵀ·dY: the weight [Cout, Cin] is already in the [Cin', Cout'] order the
+            // kernel takes for Cin' = Cout, Cout' = Cin.
+            let dx = super::pointwise::forward(dy, (g.b, co, n), wt, g.c_in, None);
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         let img = g.c_in * g.h * g.w;
@@ -513,6 +529,12 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let dw = if g.direct(self.kernels) {
             // Already [dW; db].
             super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
+        } else if g.pointwise()
+            && self.kernels.amx()
+            && g.c_in.is_multiple_of(16)
+            && g.c_out.is_multiple_of(16)
+        {
+            super::pointwise::weight_grad(dy, x, (g.b, g.c_in, g.n()), g.c_out)
         } else {
             let mut dw = weight_grad_im2col(&g, dy, x);
             dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));

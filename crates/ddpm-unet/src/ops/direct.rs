@@ -148,7 +148,7 @@ fn conv_bf16(
     let amx = amx && super::amx::fits(cin, cout);
     let g = Grid::new(h, w, QV * LANES);
     let wt2 = if amx {
-        super::amx::pack_weights(wt, cin, cout)
+        super::amx::pack_weights(wt, cin, 9, cout)
     } else {
         Vec::new()
     };
@@ -335,7 +335,7 @@ pub fn backward_weight(
                 // len + 2·wp + 2 ≤ row, cin and cout are multiples of 16, and the buffers hold
                 // [cin, row], [len/2, cout] and [cout, cin, 9].
                 unsafe {
-                    super::amx::weight_grad(&padded16, row, &dyv, len, g.wp, cin, cout, dw)
+                    super::amx::weight_grad(&padded16, row, &dyv, len, g.wp, 3, cin, cout, dw)
                 };
                 i0 += n;
                 continue;

@@ -22,6 +22,7 @@ pub mod direct;
 mod flat;
 mod isa;
 pub mod norm;
+mod pointwise;
 pub mod profile;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]

@@ -259,40 +259,63 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
     // On AMX: 32 -> 16 and 16 -> 32 fill whole tiles (one and two output tiles), 48 -> 48 pads
     // the input pairs to two tiles and ends on a single output tile, 96 -> 64 at 7×7 is the
     // UNet's; 5 -> 13 and 4 -> 2 go to the vector kernels.
+    // 1×1 (pointwise, AMX from 16 channels): 96 -> 32, and 64 -> 192 (a QKV projection) at
+    // 7×7 stacks 16 images per task, 17 images leave a short last stack; 5 -> 3 stays f32.
     let shapes = [
-        (2, 5, 13, 9, 9),
-        (3, 32, 16, 14, 14),
-        (1, 4, 2, 28, 28),
-        (2, 16, 32, 28, 28),
-        (2, 48, 48, 6, 11),
-        (3, 96, 64, 7, 7),
+        (2, 5, 13, 9, 9, 3),
+        (3, 32, 16, 14, 14, 3),
+        (1, 4, 2, 28, 28, 3),
+        (2, 16, 32, 28, 28, 3),
+        (2, 48, 48, 6, 11, 3),
+        (3, 96, 64, 7, 7, 3),
+        (2, 96, 32, 5, 5, 1),
+        (17, 64, 192, 7, 7, 1),
+        (2, 32, 16, 28, 28, 1),
+        (2, 5, 3, 4, 4, 1),
     ];
     for isa in families {
         let kernels = Kernels::new(isa, true);
-        for &(b, ci, co, h, w) in &shapes {
+        for &(b, ci, co, h, w, k) in &shapes {
+            let pad = k / 2;
             let x = rand(&[b, ci, h, w], 21);
-            let wt = rand(&[co, ci, 3, 3], 22);
+            let wt = rand(&[co, ci, k, k], 22);
             let bias = rand(&[co], 23);
-            let got = cpu::conv2d_with(&x, &wt, &bias, 1, 1, kernels).unwrap();
-            let want = reference::conv2d(&to_bf16(&x), &to_bf16(&wt), &bias, 1, 1).unwrap();
-            let what = format!("bf16 conv {ci}->{co} {h}x{w} {isa}");
+            let got = cpu::conv2d_with(&x, &wt, &bias, 1, pad, kernels).unwrap();
+            // 1×1 convolutions take bf16 only on AMX tiles, where the channels fill them.
+            if k == 1 && !(isa == Isa::Amx && ci % 16 == 0 && co % 16 == 0) {
+                let inputs = [x.clone(), wt.clone(), bias.clone()];
+                let (o1, g1) = run(&inputs, 24, |t| {
+                    cpu::conv2d_with(&t[0], &t[1], &t[2], 1, pad, kernels).unwrap()
+                });
+                let (o2, g2) = run(&inputs, 24, |t| {
+                    reference::conv2d(&t[0], &t[1], &t[2], 1, pad).unwrap()
+                });
+                let what = format!("f32 conv k1 {ci}->{co} {h}x{w} {isa}");
+                close(&o1, &o2, 1e-5, &what);
+                for i in 0..3 {
+                    close(&g1[i], &g2[i], 1e-4, &format!("{what} grad {i}"));
+                }
+                continue;
+            }
+            let want = reference::conv2d(&to_bf16(&x), &to_bf16(&wt), &bias, 1, pad).unwrap();
+            let what = format!("bf16 conv k{k} {ci}->{co} {h}x{w} {isa}");
             close(&got, &want, 1e-5, &what);
             // Within bf16's precision of the unrounded f32 result.
-            let exact = reference::conv2d(&x, &wt, &bias, 1, 1).unwrap();
+            let exact = reference::conv2d(&x, &wt, &bias, 1, pad).unwrap();
             close(&got, &exact, 3e-2, &format!("{what} against f32"));
             // The input gradient goes through the same kernel with the transposed weights.
             let inputs = [x.clone(), wt.clone(), bias.clone()];
             let (_, g1) = run(&inputs, 24, |t| {
-                cpu::conv2d_with(&t[0], &t[1], &t[2], 1, 1, kernels).unwrap()
+                cpu::conv2d_with(&t[0], &t[1], &t[2], 1, pad, kernels).unwrap()
             });
             let (_, g3) = run(&inputs, 24, |t| {
-                reference::conv2d(&t[0], &t[1], &t[2], 1, 1).unwrap()
+                reference::conv2d(&t[0], &t[1], &t[2], 1, pad).unwrap()
             });
             let dx_want = {
                 // dX of the rounded problem: weights and output gradient (the probe) rounded.
                 let p = to_bf16(&rand(&[b, co, h, w], 24));
                 let xv = Var::from_tensor(&x).unwrap();
-                let y = reference::conv2d(xv.as_tensor(), &to_bf16(&wt), &bias, 1, 1).unwrap();
+                let y = reference::conv2d(xv.as_tensor(), &to_bf16(&wt), &bias, 1, pad).unwrap();
                 let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
                 grads.get(xv.as_tensor()).unwrap().clone()
             };
@@ -301,7 +324,7 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
             let dw_want = {
                 let p = to_bf16(&rand(&[b, co, h, w], 24));
                 let wv = Var::from_tensor(&wt).unwrap();
-                let y = reference::conv2d(&to_bf16(&x), wv.as_tensor(), &bias, 1, 1).unwrap();
+                let y = reference::conv2d(&to_bf16(&x), wv.as_tensor(), &bias, 1, pad).unwrap();
                 let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
                 grads.get(wv.as_tensor()).unwrap().clone()
             };
