@@ -1,5 +1,6 @@
 //! Times the UNet's hot ops on the MNIST model's shapes (batch 64 by default):
-//! `MIMALLOC_PURGE_DELAY=-1 cargo run -p ddpm-unet --example opbench [batch] [unet]`.
+//! `MIMALLOC_PURGE_DELAY=-1 cargo run -p ddpm-unet --example opbench [batch] [unet]`; with
+//! `DDPM_PRECISION=bf16` the model's ops (and the per-shape totals) run at bf16 precision.
 //! Uses mimalloc like the binaries do (with the default allocator, fresh pages for every large
 //! buffer dominate the backward passes).
 
@@ -47,7 +48,16 @@ fn main() -> Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(64);
-    println!("batch {b}, {} threads", rayon::current_num_threads());
+    let precision: ops::Precision = std::env::var("DDPM_PRECISION")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()
+        .map_err(candle_core::Error::wrap)?;
+    ops::set_precision(precision);
+    println!(
+        "batch {b}, {} threads, {precision}: {}",
+        rayon::current_num_threads(),
+        ops::kernel_variant()
+    );
     let mode = std::env::args().nth(2).unwrap_or_default();
     let only_unet = mode == "unet" || mode == "fwd" || mode == "resblock";
     // (c_in, c_out, size, kernel, stride, how many times the MNIST UNet has it)

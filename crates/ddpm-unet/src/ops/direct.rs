@@ -199,9 +199,41 @@ fn conv_bf16(
     unsafe { super::assume_init(out) }
 }
 
+/// The AVX2 + FMA kernel over a batch: y [B, Cout, H, W] = conv3x3(x) with weights in
+/// [Cin, 9, Cout] order (+ bias), one image per task on the padded grid.
+fn conv_avx2(
+    x: &[f32],
+    (b, cin, h, w): (usize, usize, usize, usize),
+    wt: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let g = Grid::new(h, w, LANES);
+    let mut out = super::output_buffer(b * cout * h * w);
+    out.par_chunks_mut(cout * h * w)
+        .enumerate()
+        .for_each(|(i, o)| {
+            with_scratch((true, cin, h, w), |s| {
+                g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, &mut s.staged);
+                // Every position of every channel is written by the kernel: no clearing.
+                s.outq.resize(cout * g.q, 0.0);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller checked AVX2 + FMA (an op's family never exceeds the
+                // CPU's); `staged` is [cin, s] in the grid's layout, `outq` [cout, q] with q a
+                // multiple of 16.
+                unsafe {
+                    super::avx2::forward(&s.staged, &g, cin, wt, cout, bias, &mut s.outq)
+                };
+                g.drop_padding(&s.outq, cout, None, o);
+            })
+        });
+    // SAFETY: drop_padding wrote every element of every image.
+    unsafe { super::assume_init(out) }
+}
+
 /// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3]; at bf16
 /// precision (where `kernels` has bf16 products) they are taken in bf16, accumulated in f32.
-/// `kernels.isa` must be at least [`super::Isa::Avx512`].
+/// `kernels` must have [`Kernels::direct`] (AVX2 and up).
 pub fn forward(
     x: &[f32],
     dims: (usize, usize, usize, usize),
@@ -210,7 +242,7 @@ pub fn forward(
     bias: &[f32],
     kernels: Kernels,
 ) -> Vec<f32> {
-    assert!(kernels.direct(), "the direct kernels need AVX-512");
+    assert!(kernels.direct(), "the direct kernels need AVX2");
     let cin = dims.1;
     let mut wt = vec![0f32; cin * 9 * cout];
     for co in 0..cout {
@@ -220,7 +252,9 @@ pub fn forward(
             }
         }
     }
-    if kernels.bf16_vectors() {
+    if kernels.isa == super::Isa::Avx2 {
+        conv_avx2(x, dims, &wt, cout, Some(bias))
+    } else if kernels.bf16_vectors() {
         conv_bf16(x, dims, &wt, cout, Some(bias), kernels.amx())
     } else {
         super::flat::conv(x, dims, &wt, cout, Some(bias))
@@ -236,7 +270,7 @@ pub fn backward_input(
     cin: usize,
     kernels: Kernels,
 ) -> Vec<f32> {
-    assert!(kernels.direct(), "the direct kernels need AVX-512");
+    assert!(kernels.direct(), "the direct kernels need AVX2");
     // dX is dY convolved with the kernel flipped in space and transposed in channels.
     let mut wt = vec![0f32; cout * 9 * cin];
     for co in 0..cout {
@@ -246,7 +280,9 @@ pub fn backward_input(
             }
         }
     }
-    if kernels.bf16_vectors() {
+    if kernels.isa == super::Isa::Avx2 {
+        conv_avx2(dy, (b, cout, h, w), &wt, cin, None)
+    } else if kernels.bf16_vectors() {
         conv_bf16(dy, (b, cout, h, w), &wt, cin, None, kernels.amx())
     } else {
         super::flat::conv(dy, (b, cout, h, w), &wt, cin, None)
@@ -264,13 +300,14 @@ pub fn backward_weight(
     cout: usize,
     kernels: Kernels,
 ) -> Vec<f32> {
-    assert!(kernels.direct(), "the direct kernels need AVX-512");
-    if !kernels.bf16_vectors() {
+    assert!(kernels.direct(), "the direct kernels need AVX2");
+    // AVX2: f32 rows on the padded grid, 8 positions a step; bf16: 32 positions a step.
+    let avx2 = kernels.isa == super::Isa::Avx2;
+    if !avx2 && !kernels.bf16_vectors() {
         return super::flat::weight_grad(dy, x, (b, cin, h, w), cout);
     }
     let amx = kernels.amx() && cin.is_multiple_of(16) && cout.is_multiple_of(16);
-    // bf16 steps take 32 positions at a time.
-    let step = 2 * LANES;
+    let step = if avx2 { 8 } else { 2 * LANES };
     let g = Grid::new(h, w, LANES);
     // Several images are laid end to end on one long position axis, so each accumulator is
     // reduced once per chunk rather than once per image. Consecutive images share a zero
@@ -313,6 +350,19 @@ pub fn backward_weight(
                     g.put_rows(src, &mut dyq[c * len + j * stride..]);
                     db[c] += super::cpu::sum(src) as f32;
                 }
+            }
+            if avx2 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller checked AVX2 + FMA, and weight_grad calls the kernel only
+                // within the bounds it asserts (len a multiple of 8).
+                unsafe {
+                    let rows = |x, d, len, cb, sums: &mut _| {
+                        super::avx2::row_sums(x, d, len, cb, sums)
+                    };
+                    weight_grad(&padded, row, &dyq, len, step, g.wp, cin, cout, dw, rows)
+                };
+                i0 += n;
+                continue;
             }
             let to16 = |src: &[f32], dst: &mut Vec<u16>| {
                 dst.clear();

@@ -15,7 +15,8 @@ pub enum Isa {
     /// Baseline x86-64 (SSE2) or any other architecture: im2col + GEMM convolutions, scalar
     /// element-wise loops.
     Portable,
-    /// AVX2 + FMA: the element-wise loops compiled for them (im2col + GEMM convolutions).
+    /// AVX2 + FMA: direct 3×3 convolutions on a padded grid, the element-wise loops compiled
+    /// for them.
     Avx2,
     /// AVX-512 F/VL: direct 3×3 convolutions and vectorised GroupNorm/SiLU.
     Avx512,
@@ -215,9 +216,9 @@ impl Kernels {
         }
     }
 
-    /// Whether 3×3 stride-1 convolutions take the direct kernels.
+    /// Whether 3×3 stride-1 convolutions take the direct kernels (AVX2 and up).
     pub fn direct(self) -> bool {
-        self.isa >= Isa::Avx512
+        self.isa >= Isa::Avx2
     }
 
     /// Whether the direct convolutions take AMX tiles where the channel counts fit.
@@ -233,8 +234,9 @@ impl Kernels {
     /// What these kernels are, in words (benchmarks and logs name it beside their figures).
     pub fn describe(self) -> String {
         let conv = match self.isa {
-            Isa::Portable | Isa::Avx2 => "im2col + GEMM convolutions",
-            _ => "direct 3x3 convolutions",
+            Isa::Portable => "im2col + GEMM convolutions",
+            Isa::Avx2 => "direct 3x3 convolutions (AVX2 + FMA, padded grid)",
+            _ => "direct 3x3 convolutions (AVX-512)",
         };
         let products = if self.amx() {
             ", bf16 products on AMX tiles (AVX512-BF16 for layers under 16 channels)"

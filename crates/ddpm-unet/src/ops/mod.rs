@@ -16,6 +16,7 @@
 
 pub mod amx;
 pub mod attention;
+mod avx2;
 pub mod bf16;
 pub mod cpu;
 pub mod direct;
