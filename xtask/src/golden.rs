@@ -3,8 +3,13 @@
 //! A small model trained by the project (`xtask/golden/model/`, a checkpoint folder) is sampled
 //! with fixed seeds, once with DDPM on a respaced schedule and once with DDIM, and the first
 //! training steps from a fixed seed and initialisation are run; the results are compared with
-//! `xtask/golden/golden.safetensors`. `--bless` rewrites that file and reports what changed;
-//! `--retrain` first retrains the model from MNIST (the recipe is [`retrain`]).
+//! `xtask/golden/golden.safetensors`, in every CPU kernel family the machine runs (the same
+//! tolerance for all). At bf16 precision the same quantities have golden values of their own
+//! per bf16 family, `golden_bf16_<family>.safetensors` (AMX tiles also take the 1×1
+//! convolutions in bf16, AVX512-BF16 vectors only the 3×3 ones, so their results differ by
+//! more than rounding).
+//! `--bless` rewrites the files (bf16 only where the CPU has bf16 kernels) and reports what
+//! changed; `--retrain` first retrains the model from MNIST (the recipe is [`retrain`]).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -12,6 +17,7 @@ use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, Sampler};
 use ddpm_train::checkpoint::load_model;
 use ddpm_train::data::{IdxArray, ImageDataset};
 use ddpm_train::{DiffusionSettings, TrainConfig, Trainer};
+use ddpm_unet::ops::{Isa, Precision};
 use ddpm_unet::UNetConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -27,6 +33,33 @@ pub const LOSS_RTOL: f64 = 1e-4;
 /// The folder holding the golden model and arrays.
 pub fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+/// The golden file of a precision and kernel family (f32 has one for every family).
+pub fn golden_file(dir: &Path, precision: Precision, isa: Isa) -> PathBuf {
+    match precision {
+        Precision::F32 => dir.join("golden.safetensors"),
+        Precision::Bf16 => dir.join(format!("golden_bf16_{isa}.safetensors")),
+    }
+}
+
+/// The kernel families this CPU runs at `precision` (for bf16: those with bf16 kernels).
+pub fn families(precision: Precision) -> Vec<Isa> {
+    Isa::supported_all()
+        .into_iter()
+        .filter(|&i| precision == Precision::F32 || i >= Isa::Avx512Bf16)
+        .collect()
+}
+
+/// The golden quantities computed with the kernels of `isa` at `precision` (both set
+/// process-wide for the duration, then reset).
+pub fn compute_with(dir: &Path, isa: Isa, precision: Precision) -> Result<HashMap<String, Tensor>> {
+    ddpm_unet::ops::set_isa_limit(Some(isa));
+    ddpm_unet::ops::set_precision(precision);
+    let r = compute(dir);
+    ddpm_unet::ops::set_precision(Precision::F32);
+    ddpm_unet::ops::set_isa_limit(None);
+    r
 }
 
 /// The computed golden quantities, by name.
@@ -175,44 +208,75 @@ pub fn differences(
     Ok(lines)
 }
 
-/// Checks (or with `bless`, rewrites) the golden arrays.
+/// Checks (or with `bless`, rewrites) the golden arrays, in every kernel family this CPU runs.
 pub fn run(bless: bool, retrain_data: Option<&Path>) -> Result<bool> {
     let dir = golden_dir();
     if let Some(data) = retrain_data {
         retrain(data, &dir.join("model"))?;
     }
-    let got = compute(&dir)?;
-    let path = dir.join("golden.safetensors");
-    let want = if path.exists() {
-        ddpm_unet::read_safetensors(&path)?
-    } else {
-        HashMap::new()
-    };
-    let diffs = differences(&got, &want)?;
-    if bless {
-        ddpm_unet::write_safetensors(&got, &path)?;
-        if diffs.is_empty() {
-            println!("golden arrays unchanged ({})", path.display());
-        } else {
-            println!("rewrote {}; what changed:", path.display());
-            for d in &diffs {
-                println!("  {d}");
-            }
+    let mut ok = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let fams = families(precision);
+        if fams.is_empty() {
+            println!("{precision}: this CPU has no {precision} kernels; not checked");
+            continue;
         }
-        return Ok(true);
+        // f32 is blessed once, with the most specialised family; every other must agree.
+        let blessed: Vec<Isa> = match precision {
+            Precision::F32 => vec![*fams.last().expect("non-empty")],
+            Precision::Bf16 => fams.clone(),
+        };
+        for isa in fams {
+            let path = golden_file(&dir, precision, isa);
+            let want = if path.exists() {
+                ddpm_unet::read_safetensors(&path)?
+            } else {
+                HashMap::new()
+            };
+            if bless {
+                if !blessed.contains(&isa) {
+                    continue;
+                }
+                let got = compute_with(&dir, isa, precision)?;
+                let diffs = differences(&got, &want)?;
+                ddpm_unet::write_safetensors(&got, &path)?;
+                if diffs.is_empty() {
+                    println!(
+                        "{precision} {isa}: golden arrays unchanged ({})",
+                        path.display()
+                    );
+                } else {
+                    println!(
+                        "{precision} {isa}: rewrote {}; what changed:",
+                        path.display()
+                    );
+                    for d in &diffs {
+                        println!("  {d}");
+                    }
+                }
+                continue;
+            }
+            if want.is_empty() {
+                bail!(
+                    "{} is missing; run cargo xtask golden --bless",
+                    path.display()
+                );
+            }
+            let got = compute_with(&dir, isa, precision)?;
+            let diffs = differences(&got, &want)?;
+            for d in &diffs {
+                println!("GOLDEN MISMATCH {precision} {isa}: {d}");
+            }
+            let total = got.len();
+            println!(
+                "{precision} {isa}: {} passed, {} failed",
+                total - diffs.len(),
+                diffs.len()
+            );
+            ok &= diffs.is_empty();
+        }
     }
-    if want.is_empty() {
-        bail!(
-            "{} is missing; run cargo xtask golden --bless",
-            path.display()
-        );
-    }
-    for d in &diffs {
-        println!("GOLDEN MISMATCH {d}");
-    }
-    let total = got.len();
-    println!("{} passed, {} failed", total - diffs.len(), diffs.len());
-    Ok(diffs.is_empty())
+    Ok(ok)
 }
 
 /// The recipe of the committed golden model: the golden architecture, 300 steps of batch 16 on
@@ -256,15 +320,39 @@ pub fn retrain(data: &Path, out: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// The samplers, the UNet and the first training steps still give the golden numbers.
+    /// The samplers, the UNet and the first training steps still give the golden numbers, in
+    /// every kernel family this CPU runs, f32 and bf16 (one test: the kernel choice is
+    /// process-wide).
     #[test]
-    fn golden_outputs_are_unchanged() {
+    fn golden_outputs_are_unchanged_in_every_kernel_family() {
         let dir = golden_dir();
-        let got = compute(&dir).unwrap();
-        let want = ddpm_unet::read_safetensors(&dir.join("golden.safetensors")).unwrap();
-        let diffs = differences(&got, &want).unwrap();
-        assert!(diffs.is_empty(), "{diffs:#?}");
-        assert_eq!(want.len(), 4);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let fams = families(precision);
+            if fams.is_empty() {
+                eprintln!("no {precision} kernels on this CPU: its golden values are not checked");
+            }
+            for isa in fams {
+                let want = ddpm_unet::read_safetensors(&golden_file(&dir, precision, isa)).unwrap();
+                assert_eq!(want.len(), 4);
+                let got = compute_with(&dir, isa, precision).unwrap();
+                let diffs = differences(&got, &want).unwrap();
+                assert!(diffs.is_empty(), "{precision} {isa}: {diffs:#?}");
+            }
+        }
+    }
+
+    /// bf16 is not f32: each bf16 family's golden values differ from f32's (by far more than
+    /// the tolerance), so the bf16 checks are not copies of the f32 one.
+    #[test]
+    fn bf16_golden_values_are_their_own() {
+        let dir = golden_dir();
+        let f =
+            ddpm_unet::read_safetensors(&golden_file(&dir, Precision::F32, Isa::Portable)).unwrap();
+        for isa in [Isa::Avx512Bf16, Isa::Amx] {
+            let b = ddpm_unet::read_safetensors(&golden_file(&dir, Precision::Bf16, isa)).unwrap();
+            let diffs = differences(&b, &f).unwrap();
+            assert_eq!(diffs.len(), 4, "{isa}: {diffs:#?}");
+        }
     }
 
     #[test]

@@ -214,7 +214,11 @@ fn conv_avx2(
         .enumerate()
         .for_each(|(i, o)| {
             with_scratch((true, cin, h, w), |s| {
-                g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, &mut s.staged);
+                g.pad(
+                    &x[i * cin * h * w..(i + 1) * cin * h * w],
+                    cin,
+                    &mut s.staged,
+                );
                 // Every position of every channel is written by the kernel: no clearing.
                 s.outq.resize(cout * g.q, 0.0);
                 #[cfg(target_arch = "x86_64")]
@@ -356,9 +360,8 @@ pub fn backward_weight(
                 // SAFETY: the caller checked AVX2 + FMA, and weight_grad calls the kernel only
                 // within the bounds it asserts (len a multiple of 8).
                 unsafe {
-                    let rows = |x, d, len, cb, sums: &mut _| {
-                        super::avx2::row_sums(x, d, len, cb, sums)
-                    };
+                    let rows =
+                        |x, d, len, cb, sums: &mut _| super::avx2::row_sums(x, d, len, cb, sums);
                     weight_grad(&padded, row, &dyq, len, step, g.wp, cin, cout, dw, rows)
                 };
                 i0 += n;

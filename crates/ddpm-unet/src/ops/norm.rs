@@ -101,6 +101,9 @@ impl GroupNorm {
                 if self.isa >= Isa::Avx512 {
                     // SAFETY: the CPU has AVX-512 (Kernels never exceed the CPU's family).
                     done = unsafe { super::simd::silu_affine(orow, xrow, a, sh0) };
+                } else if self.isa == Isa::Avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA, as above.
+                    done = unsafe { super::simd::silu_affine_avx2(orow, xrow, a, sh0) };
                 }
                 for (ov, &xv) in orow[done..].iter_mut().zip(&xrow[done..]) {
                     let z = xv * a + sh0;
@@ -154,6 +157,11 @@ impl GroupNorm {
                 // SAFETY: the CPU has the features `simd` needs.
                 let (s, sx, done) =
                     unsafe { super::simd::silu_backward(dzs, xs, ds, mean, rstd, a, z0) };
+                (sdz[0], sdzx[0], start) = (s, sx, done);
+            } else if silu && self.isa == Isa::Avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (an op's family never exceeds the CPU's).
+                let (s, sx, done) =
+                    unsafe { super::simd::silu_backward_avx2(dzs, xs, ds, mean, rstd, a, z0) };
                 (sdz[0], sdzx[0], start) = (s, sx, done);
             }
             // Whole vectors of 16 (so the loop vectorises), then the rest.
@@ -245,6 +253,11 @@ fn shifted_sums(xg: &[f32], k: f32, isa: Isa) -> (f64, f64) {
     if isa >= Isa::Avx512 {
         // SAFETY: the CPU has AVX-512 (an op's family never exceeds the CPU's).
         return unsafe { super::simd::shifted_sums(xg, k) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA, as above.
+        return unsafe { super::simd::shifted_sums_avx2(xg, k) };
     }
     let (mut t1, mut t2) = (0f64, 0f64);
     for &v in xg {
