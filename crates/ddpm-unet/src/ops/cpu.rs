@@ -120,6 +120,34 @@ impl ConvGeom {
     fn n(&self) -> usize {
         self.ho * self.wo
     }
+    /// Whether a 3×3 stride-2 convolution runs as the stride-1 one on AMX tiles, subsampled
+    /// (its gradients from the zero-filled full-size output gradient): four times the
+    /// products, but tile products cost a fraction of im2col + f32 GEMM.
+    fn strided_on_tiles(&self, kernels: Kernels) -> bool {
+        self.k == 3
+            && self.stride == 2
+            && self.pad == 1
+            && kernels.amx()
+            && super::amx::fits(self.c_in, self.c_out)
+    }
+
+    /// dY [B, Cout, Ho, Wo] of a stride-2 convolution spread onto the stride-1 output grid
+    /// [B, Cout, H, W]: dY at the even positions, zero elsewhere.
+    fn spread_grad(&self, dy: &[f32]) -> Vec<f32> {
+        let (h, w, ho, wo) = (self.h, self.w, self.ho, self.wo);
+        let mut full = vec![0f32; self.b * self.c_out * h * w];
+        full.par_chunks_mut(h * w)
+            .zip(dy.par_chunks(ho * wo))
+            .for_each(|(f, d)| {
+                for (i, row) in d.chunks_exact(wo).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        f[2 * i * w + 2 * j] = v;
+                    }
+                }
+            });
+        full
+    }
+
     /// A 1×1, stride-1, unpadded convolution needs no im2col: the image is its own column matrix.
     fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
@@ -242,14 +270,35 @@ impl CustomOp3 for Conv2d {
                 super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
-        if g.pointwise() && self.kernels.amx() && super::amx::fits(g.c_in, co) {
+        if g.strided_on_tiles(self.kernels) {
+            let full =
+                super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
+            let mut out = super::output_buffer(g.b * co * n);
+            out.par_chunks_mut(n)
+                .zip(full.par_chunks(g.h * g.w))
+                .for_each(|(o, f)| {
+                    for (i, row) in o.chunks_exact_mut(g.wo).enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            v.write(f[2 * i * g.w + 2 * j]);
+                        }
+                    }
+                });
+            // SAFETY: every output position was written above.
+            let out = unsafe { super::assume_init(out) };
+            return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
+        }
+        if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
             let mut wt_t = vec![0f32; g.c_in * co];
             for (o, row) in wt.chunks_exact(g.c_in).enumerate() {
                 for (i, &v) in row.iter().enumerate() {
                     wt_t[i * co + o] = v;
                 }
             }
-            let out = super::pointwise::forward(x, (g.b, g.c_in, n), &wt_t, co, Some(bias));
+            let out = if self.kernels.amx() && super::amx::fits(g.c_in, co) {
+                super::pointwise::forward(x, (g.b, g.c_in, n), &wt_t, co, Some(bias))
+            } else {
+                super::pointwise::forward_f32(x, (g.b, g.c_in, n), &wt_t, co, Some(bias))
+            };
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
         let img = g.c_in * g.h * g.w;
@@ -379,10 +428,20 @@ impl CustomOp2 for Conv2dBackwardInput {
                 super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
-        if g.pointwise() && self.kernels.amx() && super::amx::fits(co, g.c_in) {
+        if g.strided_on_tiles(self.kernels) {
+            let full = g.spread_grad(dy);
+            let dx =
+                super::direct::backward_input(&full, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
+            return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
+        }
+        if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
             // dX = Wᵀ·dY: the weight [Cout, Cin] is already in the [Cin', Cout'] order the
-            // kernel takes for Cin' = Cout, Cout' = Cin.
-            let dx = super::pointwise::forward(dy, (g.b, co, n), wt, g.c_in, None);
+            // kernels take for Cin' = Cout, Cout' = Cin.
+            let dx = if self.kernels.amx() && super::amx::fits(co, g.c_in) {
+                super::pointwise::forward(dy, (g.b, co, n), wt, g.c_in, None)
+            } else {
+                super::pointwise::forward_f32(dy, (g.b, co, n), wt, g.c_in, None)
+            };
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         let img = g.c_in * g.h * g.w;
@@ -529,12 +588,17 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let dw = if g.direct(self.kernels) {
             // Already [dW; db].
             super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
+        } else if g.strided_on_tiles(self.kernels) {
+            let full = g.spread_grad(dy);
+            super::direct::backward_weight(&full, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
         } else if g.pointwise()
             && self.kernels.amx()
             && g.c_in.is_multiple_of(16)
             && g.c_out.is_multiple_of(16)
         {
             super::pointwise::weight_grad(dy, x, (g.b, g.c_in, g.n()), g.c_out)
+        } else if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
+            super::pointwise::weight_grad_f32(dy, x, (g.b, g.c_in, g.n()), g.c_out)
         } else {
             let mut dw = weight_grad_im2col(&g, dy, x);
             dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));

@@ -144,3 +144,227 @@ pub(crate) fn weight_grad(
         }
     })
 }
+
+/// Copies `k` images [C, N] (consecutive in `x`) onto one position axis: [C, q] floats,
+/// position j·N + p of image j, zero beyond k·N.
+fn stack_rows(x: &[f32], c: usize, n: usize, k: usize, q: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(c * q, 0.0);
+    for j in 0..k {
+        for ch in 0..c {
+            out[ch * q + j * n..][..n].copy_from_slice(&x[(j * c + ch) * n..][..n]);
+        }
+    }
+}
+
+/// y [B, Cout, N] = W · x [B, Cin, N] (+ bias) with weights in [Cin, Cout] order, in f32 on
+/// AVX-512: 8 output channels × 32 positions of accumulators per block.
+///
+/// The caller checks that the CPU has AVX-512 F and VL.
+pub(crate) fn forward_f32(
+    x: &[f32],
+    (b, cin, n): (usize, usize, usize),
+    wt: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(super::Isa::detected() >= super::Isa::Avx512);
+    let k = stack(n);
+    let q = (k * n).div_ceil(32) * 32;
+    let mut out = super::output_buffer(b * cout * n);
+    out.par_chunks_mut(k * cout * n)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let m = o.len() / (cout * n);
+            let xs = &x[t * k * cin * n..][..m * cin * n];
+            with_scratch((false, usize::MAX - 1, cin, n), |s| {
+                stack_rows(xs, cin, n, m, q, &mut s.staged);
+                s.outq.resize(cout * q, 0.0);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512 checked above; `staged` is [cin, q], `outq` [cout, q], q a
+                // multiple of 32, `wt` [cin, cout].
+                unsafe {
+                    f32_kernels::forward(&s.staged, q, cin, wt, cout, &mut s.outq)
+                };
+                for j in 0..m {
+                    for co in 0..cout {
+                        let add = bias.map_or(0.0, |b| b[co]);
+                        let src = &s.outq[co * q + j * n..][..n];
+                        let dst = &mut o[(j * cout + co) * n..][..n];
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            d.write(v + add);
+                        }
+                    }
+                }
+            })
+        });
+    // SAFETY: every element of every image was written above.
+    unsafe { super::assume_init(out) }
+}
+
+/// [dW; db] for y = W · x in f32 on AVX-512 (as [`weight_grad`]).
+///
+/// The caller checks that the CPU has AVX-512 F and VL.
+pub(crate) fn weight_grad_f32(
+    dy: &[f32],
+    x: &[f32],
+    (b, cin, n): (usize, usize, usize),
+    cout: usize,
+) -> Vec<f32> {
+    assert!(super::Isa::detected() >= super::Isa::Avx512);
+    let k = stack(n);
+    let len = (k * n).div_ceil(16) * 16;
+    let nw = cout * cin;
+    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+        let (dw, db) = dw.split_at_mut(nw);
+        let (mut xs, mut ds) = (Vec::new(), Vec::new());
+        let mut i0 = images.start;
+        while i0 < images.end {
+            let m = k.min(images.end - i0);
+            stack_rows(&x[i0 * cin * n..][..m * cin * n], cin, n, m, len, &mut xs);
+            stack_rows(
+                &dy[i0 * cout * n..][..m * cout * n],
+                cout,
+                n,
+                m,
+                len,
+                &mut ds,
+            );
+            for (c, d) in db.iter_mut().enumerate() {
+                *d += super::cpu::sum(&ds[c * len..(c + 1) * len]) as f32;
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 checked above; xs is [cin, len], ds [cout, len], len a multiple
+            // of 16, dw [cout, cin].
+            unsafe {
+                f32_kernels::weight_grad(&xs, &ds, len, cin, cout, dw)
+            };
+            i0 += m;
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod f32_kernels {
+    use std::arch::x86_64::*;
+
+    /// outq[co, p] = Σ_ci wt[ci, co] · xs[ci, p] for p < q.
+    ///
+    /// # Safety
+    /// AVX-512 F and VL; xs is [cin, q], outq [cout, q], wt [cin, cout], q a multiple of 32.
+    pub unsafe fn forward(
+        xs: &[f32],
+        q: usize,
+        cin: usize,
+        wt: &[f32],
+        cout: usize,
+        outq: &mut [f32],
+    ) {
+        assert!(
+            q.is_multiple_of(32)
+                && xs.len() >= cin * q
+                && outq.len() >= cout * q
+                && wt.len() >= cin * cout
+        );
+        for (co, cb) in super::super::direct::channel_blocks(cout) {
+            // SAFETY: forwarded, within the bounds asserted.
+            unsafe {
+                match cb {
+                    8 => block::<8>(xs, q, cin, wt, cout, co, outq),
+                    4 => block::<4>(xs, q, cin, wt, cout, co, outq),
+                    _ => block::<1>(xs, q, cin, wt, cout, co, outq),
+                }
+            }
+        }
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn block<const CB: usize>(
+        xs: &[f32],
+        q: usize,
+        cin: usize,
+        wt: &[f32],
+        cout: usize,
+        co0: usize,
+        outq: &mut [f32],
+    ) {
+        let (x, w) = (xs.as_ptr(), wt.as_ptr());
+        let mut p0 = 0;
+        while p0 < q {
+            let mut acc = [[_mm512_setzero_ps(); 2]; CB];
+            for ci in 0..cin {
+                // SAFETY: p0 + 32 ≤ q inside row ci; weights ci·cout + co0 .. + CB ≤ cin·cout.
+                let (x0, x1) = unsafe {
+                    (
+                        _mm512_loadu_ps(x.add(ci * q + p0)),
+                        _mm512_loadu_ps(x.add(ci * q + p0 + 16)),
+                    )
+                };
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let wv = unsafe { _mm512_set1_ps(*w.add(ci * cout + co0 + c)) };
+                    a[0] = _mm512_fmadd_ps(x0, wv, a[0]);
+                    a[1] = _mm512_fmadd_ps(x1, wv, a[1]);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: p0 + 32 ≤ q inside row co0 + c of outq.
+                unsafe {
+                    let dst = outq.as_mut_ptr().add((co0 + c) * q + p0);
+                    _mm512_storeu_ps(dst, a[0]);
+                    _mm512_storeu_ps(dst.add(16), a[1]);
+                }
+            }
+            p0 += 32;
+        }
+    }
+
+    /// dw[co, ci] += Σ_p ds[co, p] · xs[ci, p] for p < len, 4 × 4 channel blocks (16
+    /// accumulators) where the counts allow, single rows and columns at the edges.
+    ///
+    /// # Safety
+    /// AVX-512 F and VL; xs is [cin, len], ds [cout, len], dw [cout, cin], len a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn weight_grad(
+        xs: &[f32],
+        ds: &[f32],
+        len: usize,
+        cin: usize,
+        cout: usize,
+        dw: &mut [f32],
+    ) {
+        assert!(
+            len.is_multiple_of(16)
+                && xs.len() >= cin * len
+                && ds.len() >= cout * len
+                && dw.len() >= cout * cin
+        );
+        let (x, d) = (xs.as_ptr(), ds.as_ptr());
+        let blocks = |n: usize| (0..n).step_by(4).map(move |s| (s, (n - s).min(4)));
+        for (co, cb) in blocks(cout) {
+            for (ci, ib) in blocks(cin) {
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                let mut p = 0;
+                while p < len {
+                    // SAFETY: p + 16 ≤ len inside rows co .. co + cb of ds and ci .. ci + ib
+                    // of xs.
+                    let xv: [__m512; 4] = std::array::from_fn(|i| unsafe {
+                        _mm512_loadu_ps(x.add((ci + i.min(ib - 1)) * len + p))
+                    });
+                    for (o, a) in acc.iter_mut().enumerate().take(cb) {
+                        let dv = unsafe { _mm512_loadu_ps(d.add((co + o) * len + p)) };
+                        for i in 0..4 {
+                            a[i] = _mm512_fmadd_ps(dv, xv[i], a[i]);
+                        }
+                    }
+                    p += 16;
+                }
+                for (o, a) in acc.iter().enumerate().take(cb) {
+                    for (i, v) in a.iter().enumerate().take(ib) {
+                        dw[(co + o) * cin + ci + i] += _mm512_reduce_add_ps(*v);
+                    }
+                }
+            }
+        }
+    }
+}
