@@ -390,3 +390,143 @@ pub(crate) unsafe fn weight_grad(
         }
     }
 }
+
+/// Staging for the tile kernels, compiled for AVX-512 (every AMX CPU has it) so that the
+/// conversions to bf16 vectorise: the crates are built for baseline x86-64.
+pub(crate) mod stage {
+    use super::super::bf16::bf16_bits;
+    use super::super::direct::Grid;
+
+    /// One image [C, H, W] as channel pairs on the padded grid, [padded_pairs(C), g.s] words,
+    /// written straight from the f32 pixels. Borders, the padding pairs and a missing odd
+    /// channel's half are zero; a buffer already of this size keeps them (only pixels are
+    /// written), so it is cleared only when its size changes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(crate) unsafe fn pairs(x: &[f32], c: usize, g: &Grid, out: &mut Vec<u32>) {
+        let (h, w) = g.dims();
+        let rows = super::padded_pairs(c);
+        if out.len() != rows * g.s {
+            out.clear();
+            out.resize(rows * g.s, 0);
+        }
+        let hw = h * w;
+        for p in 0..c.div_ceil(2) {
+            let lo = &x[2 * p * hw..][..hw];
+            let hi = (2 * p + 1 < c).then(|| &x[(2 * p + 1) * hw..][..hw]);
+            let dst = &mut out[p * g.s..][..g.s];
+            for y in 0..h {
+                let d = &mut dst[(y + 1) * g.wp + 1..][..w];
+                let l = &lo[y * w..][..w];
+                match hi {
+                    Some(hi) => {
+                        for ((d, &a), &b) in d.iter_mut().zip(l).zip(&hi[y * w..][..w]) {
+                            *d = bf16_bits(a) | (bf16_bits(b) << 16);
+                        }
+                    }
+                    None => {
+                        for (d, &a) in d.iter_mut().zip(l) {
+                            *d = bf16_bits(a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kernel's rows [C, g.q] back to [C, H, W] (+ bias); every element of `out` is written.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(crate) unsafe fn unpad(
+        q: &[f32],
+        c: usize,
+        g: &Grid,
+        bias: Option<&[f32]>,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        let (h, w) = g.dims();
+        for ch in 0..c {
+            let add = bias.map_or(0.0, |b| b[ch]);
+            for y in 0..h {
+                let src = &q[ch * g.q + y * g.wp..][..w];
+                let dst = &mut out[(ch * h + y) * w..][..w];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    d.write(s + add);
+                }
+            }
+        }
+    }
+
+    /// The weight gradient's operands for `n` images from `first`: the input as bf16 rows
+    /// [C_in, row] (image j's pixel (y, x) at j·stride + (y + 1)·wp + 1 + x, so tap (ky, kx) of
+    /// position q is at q + ky·wp + kx), and the output gradient interleaved by position pairs,
+    /// [len/2, C_out] words (position j·stride + y·wp + x), through `dy16`, its bf16 rows
+    /// [C_out, len]. Positions not written stay zero while the sizes stay the same (the caller
+    /// clears when they change).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(crate) unsafe fn weight_grad_operands(
+        x: &[f32],
+        dy: &[f32],
+        (first, n): (usize, usize),
+        (cin, cout): (usize, usize),
+        g: &Grid,
+        (stride, row, len): (usize, usize, usize),
+        x16: &mut [u16],
+        dy16: &mut [u32],
+        dyv: &mut [u32],
+        db: &mut [f32],
+    ) {
+        let (h, w) = g.dims();
+        let hw = h * w;
+        let half = len / 2;
+        for j in 0..n {
+            let img = first + j;
+            for c in 0..cin {
+                let src = &x[(img * cin + c) * hw..][..hw];
+                for y in 0..h {
+                    let at = c * row + j * stride + (y + 1) * g.wp + 1;
+                    for (d, &v) in x16[at..at + w].iter_mut().zip(&src[y * w..][..w]) {
+                        *d = bf16_bits(v) as u16;
+                    }
+                }
+            }
+            for c in 0..cout {
+                let src = &dy[(img * cout + c) * hw..][..hw];
+                db[c] += src.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                // SAFETY: the u16 view of row c of dy16 ([cout, len/2] words) is aligned and
+                // in bounds; x86 is little-endian, so position 2k is word k's low half.
+                let r16 = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        dy16.as_mut_ptr().add(c * half).cast::<u16>(),
+                        len,
+                    )
+                };
+                for y in 0..h {
+                    let at = j * stride + y * g.wp;
+                    for (d, &v) in r16[at..at + w].iter_mut().zip(&src[y * w..][..w]) {
+                        *d = bf16_bits(v) as u16;
+                    }
+                }
+            }
+        }
+        // Word transpose [cout, len/2] -> [len/2, cout], sixteen position pairs at a time so
+        // that the destination rows stay in L1.
+        for p0 in (0..half).step_by(16) {
+            let pn = (half - p0).min(16);
+            for c in 0..cout {
+                let src = &dy16[c * half + p0..][..pn];
+                for (k, &v) in src.iter().enumerate() {
+                    dyv[(p0 + k) * cout + c] = v;
+                }
+            }
+        }
+    }
+}

@@ -34,7 +34,12 @@ pub(crate) struct Grid {
 }
 
 impl Grid {
-    fn new(h: usize, w: usize, block: usize) -> Self {
+    /// (H, W) of the image.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.h, self.w)
+    }
+
+    pub(crate) fn new(h: usize, w: usize, block: usize) -> Self {
         let wp = w + 2;
         let q = (h * wp).div_ceil(block) * block;
         let s = (q + 2 * wp + 2).div_ceil(LANES) * LANES;
@@ -111,9 +116,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// Runs `f` with this thread's scratch. The staged input keeps its zeros from the last task
-/// (only pixels are ever written) unless its layout, (`padded_grid`, c, h, w), changed; then it
-/// is emptied for the caller to size and clear. rayon splits a call's images into many jobs:
+/// Runs `f` with this thread's scratch. The staged input and the pairs keep their zeros from
+/// the last task (only pixels are ever written) unless the layout, (`padded_grid`, c, h, w),
+/// changed; then they are emptied for the caller to size and clear. rayon splits a call's images into many jobs:
 /// buffers kept per thread spare each job an allocation and a clearing (16 per call, measured).
 /// Nothing in `f` may call into rayon, or this thread could take another job and borrow the
 /// scratch twice.
@@ -124,6 +129,7 @@ pub(crate) fn with_scratch<R>(
     SCRATCH.with_borrow_mut(|s| {
         if s.key != (padded_grid, c, h, w) {
             s.staged.clear();
+            s.pairs.clear();
             s.key = (padded_grid, c, h, w);
         }
         f(s)
@@ -168,24 +174,26 @@ fn conv_bf16(
                     pairs,
                     ..
                 } = s;
-                g.pad(&x[i * cin * h * w..(i + 1) * cin * h * w], cin, padded);
+                let xi = &x[i * cin * h * w..(i + 1) * cin * h * w];
                 // Every position of every channel is written by the kernel: no clearing.
                 outq.resize(cout * g.q, 0.0);
-                super::bf16::pack_pairs(padded, cin, g.s, pairs);
                 if amx {
-                    // The tiles take 16 pairs at a time: zero pairs up to a whole tile.
-                    let n = cin.div_ceil(2) * g.s;
-                    pairs.resize(super::amx::padded_pairs(cin) * g.s, 0);
-                    pairs[n..].fill(0);
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AMX implies AVX-512 F, BW and VL.
+                    unsafe {
+                        super::amx::stage::pairs(xi, cin, &g, pairs)
+                    };
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the caller checked AMX; `pairs` holds padded_pairs(cin) rows of
                     // g.s words (the padding zero), `wt2` is pack_weights' packing for these
                     // channels (fits checked), `outq` [cout, q] with q a multiple of 32.
                     unsafe {
-                        super::amx::forward(pairs, &g, cin, &wt2, cout, outq)
+                        super::amx::forward(pairs, &g, cin, &wt2, cout, outq);
+                        super::amx::stage::unpad(outq, cout, &g, bias, o);
                     };
-                    g.drop_padding(outq, cout, bias, o);
                 } else {
+                    g.pad(xi, cin, padded);
+                    super::bf16::pack_pairs(padded, cin, g.s, pairs);
                     // SAFETY: AVX512-BF16 is available; `pairs` is [⌈cin/2⌉, s], `outq`
                     // [cout, q] with q a multiple of 32, as the kernel requires.
                     unsafe {
@@ -310,7 +318,9 @@ pub fn backward_weight(
     if !avx2 && !kernels.bf16_vectors() {
         return super::flat::weight_grad(dy, x, (b, cin, h, w), cout);
     }
-    let amx = kernels.amx() && cin.is_multiple_of(16) && cout.is_multiple_of(16);
+    if kernels.amx() && cin.is_multiple_of(16) && cout.is_multiple_of(16) {
+        return weight_grad_amx(dy, x, (b, cin, h, w), cout);
+    }
     let step = if avx2 { 8 } else { 2 * LANES };
     let g = Grid::new(h, w, LANES);
     // Several images are laid end to end on one long position axis, so each accumulator is
@@ -324,7 +334,6 @@ pub fn backward_weight(
         let (dw, db) = dw.split_at_mut(nw);
         let (mut padded, mut dyq) = (Vec::new(), Vec::new());
         let (mut padded16, mut dyq16) = (Vec::new(), Vec::<u16>::new());
-        let mut dyv = Vec::<u32>::new();
         let hw = h * w;
         let mut i0 = images.start;
         let mut last_n = 0;
@@ -372,27 +381,6 @@ pub fn backward_weight(
                 dst.extend(src.iter().map(|&v| super::bf16::bf16_bits(v) as u16));
             };
             to16(&padded, &mut padded16);
-            if amx {
-                // dY interleaved by position pairs: word [p, co] = (dY[co, 2p], dY[co, 2p + 1]).
-                dyv.clear();
-                dyv.resize(len / 2 * cout, 0);
-                for co in 0..cout {
-                    let r = &dyq[co * len..(co + 1) * len];
-                    for (p, pair) in r.chunks_exact(2).enumerate() {
-                        dyv[p * cout + co] = super::bf16::bf16_bits(pair[0])
-                            | (super::bf16::bf16_bits(pair[1]) << 16);
-                    }
-                }
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller checked AMX; len is a multiple of 32 with
-                // len + 2·wp + 2 ≤ row, cin and cout are multiples of 16, and the buffers hold
-                // [cin, row], [len/2, cout] and [cout, cin, 9].
-                unsafe {
-                    super::amx::weight_grad(&padded16, row, &dyv, len, g.wp, 3, cin, cout, dw)
-                };
-                i0 += n;
-                continue;
-            }
             to16(&dyq, &mut dyq16);
             // SAFETY: AVX512-BF16 is available (checked above), and weight_grad calls the
             // kernel only within the bounds it asserts.
@@ -400,6 +388,62 @@ pub fn backward_weight(
                 |x, d, len, cb, sums: &mut _| unsafe { super::bf16::row_sums(x, d, len, cb, sums) };
             // SAFETY: as for `rows`.
             unsafe { weight_grad(&padded16, row, &dyq16, len, step, g.wp, cin, cout, dw, rows) };
+            i0 += n;
+        }
+    })
+}
+
+/// [`backward_weight`] on AMX tiles (the caller checks AMX, and that both channel counts are
+/// multiples of 16): the operands staged straight from the f32 tensors, chunks of images on
+/// one position axis as for the vector kernels.
+fn weight_grad_amx(
+    dy: &[f32],
+    x: &[f32],
+    (b, cin, h, w): (usize, usize, usize, usize),
+    cout: usize,
+) -> Vec<f32> {
+    let g = Grid::new(h, w, LANES);
+    let stride = (h + 1) * g.wp;
+    let chunk = (384 * 1024 / (cout * stride * 4)).clamp(1, 16);
+    let nw = cout * cin * 9;
+    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+        let (dw, db) = dw.split_at_mut(nw);
+        let (mut x16, mut dy16, mut dyv) = (Vec::<u16>::new(), Vec::<u32>::new(), Vec::new());
+        let mut i0 = images.start;
+        let mut last_n = 0;
+        while i0 < images.end {
+            let n = chunk.min(images.end - i0);
+            let len = (n * stride).div_ceil(32) * 32;
+            let row = len + 2 * g.wp + 2;
+            // Chunks of the same size overwrite exactly the previous chunk's values: the zero
+            // padding between them stays, so the buffers are cleared only when the size changes.
+            if n != last_n {
+                x16.clear();
+                x16.resize(cin * row, 0);
+                dy16.clear();
+                dy16.resize(len / 2 * cout, 0);
+                dyv.clear();
+                dyv.resize(len / 2 * cout, 0);
+                last_n = n;
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AMX implies AVX-512 F, BW and VL; the buffers hold [cin, row] bf16 and
+            // [cout, len/2], [len/2, cout] words for n images of this layout.
+            unsafe {
+                super::amx::stage::weight_grad_operands(
+                    x,
+                    dy,
+                    (i0, n),
+                    (cin, cout),
+                    &g,
+                    (stride, row, len),
+                    &mut x16,
+                    &mut dy16,
+                    &mut dyv,
+                    db,
+                );
+                super::amx::weight_grad(&x16, row, &dyv, len, g.wp, 3, cin, cout, dw);
+            }
             i0 += n;
         }
     })

@@ -15,7 +15,13 @@ fn stack(n: usize) -> usize {
 /// Packs `k` images [C, N] (consecutive in `x`) as channel pairs on one position axis:
 /// [padded_pairs(C), q] words, position j·N + p of image j, zero beyond k·N and in the padding
 /// pairs.
-fn pack_pairs(x: &[f32], c: usize, n: usize, k: usize, q: usize, out: &mut Vec<u32>) {
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL (compiled for them so that the conversion
+/// vectorises).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_pairs(x: &[f32], c: usize, n: usize, k: usize, q: usize, out: &mut Vec<u32>) {
     let rows = super::amx::padded_pairs(c);
     out.clear();
     out.resize(rows * q, 0);
@@ -59,8 +65,12 @@ pub(crate) fn forward(
             let m = o.len() / (cout * n);
             let xs = &x[t * k * cin * n..][..m * cin * n];
             with_scratch((false, usize::MAX, cin, n), |s| {
-                pack_pairs(xs, cin, n, m, q, &mut s.pairs);
                 s.outq.resize(cout * q, 0.0);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AMX (checked above) implies AVX-512 F, BW and VL.
+                unsafe {
+                    pack_pairs(xs, cin, n, m, q, &mut s.pairs)
+                };
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AMX checked above; `pairs` holds padded_pairs(cin) rows of q words
                 // (the padding zero) and one tap at offset 0 reads within each row; `wa` is

@@ -268,6 +268,9 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
         (2, 16, 32, 28, 28, 3),
         (2, 48, 48, 6, 11, 3),
         (3, 96, 64, 7, 7, 3),
+        // 17 images at 28×28 into 16 channels: weight-gradient chunks of 7, a full one then a
+        // short one on each thread.
+        (17, 16, 16, 28, 28, 3),
         (2, 96, 32, 5, 5, 1),
         (17, 64, 192, 7, 7, 1),
         (2, 32, 16, 28, 28, 1),
