@@ -500,7 +500,7 @@ pub(crate) mod stage {
             }
             for c in 0..cout {
                 let src = &dy[(img * cout + c) * hw..][..hw];
-                db[c] += src.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                db[c] += super::super::cpu::sum(src) as f32;
                 // SAFETY: the u16 view of row c of dy16 ([cout, len/2] words) is aligned and
                 // in bounds; x86 is little-endian, so position 2k is word k's low half.
                 let r16 = unsafe {
