@@ -284,3 +284,54 @@ fn bad_input_gives_clear_errors() {
         "unknown split",
     );
 }
+
+/// `--precision` and `DDPM_ISA`: unknown values are refused with the accepted ones named, bf16
+/// where the kernels (within the limit) have no bf16 products is refused, and a run limited to
+/// any kernel family trains to the same losses within f32 rounding.
+#[test]
+fn precision_and_kernel_family_flags() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_data(&data);
+    let run = |name: &str, extra: &[&str], isa: Option<&str>| {
+        let mut c = common::train_command(&data, &root.path().join(name), extra);
+        if let Some(i) = isa {
+            c.env("DDPM_ISA", i);
+        }
+        c.output().expect("ddpm-cli runs")
+    };
+    fails_with(
+        &run("a", &["--steps", "1", "--precision", "fp64"], None),
+        "unknown precision 'fp64': expected f32 or bf16",
+    );
+    fails_with(
+        &run("b", &["--steps", "1"], Some("avx9")),
+        "DDPM_ISA: unknown kernel family 'avx9'",
+    );
+    fails_with(
+        &run("c", &["--steps", "1", "--precision", "bf16"], Some("portable")),
+        "limited by DDPM_ISA",
+    );
+    // The same tiny run in the portable family and in the CPU's best: f32 either way.
+    let losses = |dir: &str| -> Vec<f64> {
+        let text = std::fs::read_to_string(root.path().join(dir).join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    ok(&run("portable", &["--steps", "6"], Some("portable")));
+    ok(&run("best", &["--steps", "6"], None));
+    let (a, b) = (losses("portable"), losses("best"));
+    assert!(!a.is_empty() && a.len() == b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-3 * x.abs().max(1e-3),
+            "portable {x} vs best {y}"
+        );
+    }
+}
