@@ -310,7 +310,11 @@ fn precision_and_kernel_family_flags() {
         "DDPM_ISA: unknown kernel family 'avx9'",
     );
     fails_with(
-        &run("c", &["--steps", "1", "--precision", "bf16"], Some("portable")),
+        &run(
+            "c",
+            &["--steps", "1", "--precision", "bf16"],
+            Some("portable"),
+        ),
         "limited by DDPM_ISA",
     );
     // The same tiny run in the portable family and in the CPU's best: f32 either way.

@@ -125,7 +125,8 @@ pub fn set_precision(p: ddpm_unet::ops::Precision, device: &candle_core::Device)
         }
         if !ddpm_unet::ops::bf16_supported() {
             anyhow::bail!(
-                "--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16; this one runs {}                  kernels (detected {}){}; use --precision f32",
+                "--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16; this one runs {} \
+                 kernels (detected {}){}; use --precision f32",
                 ddpm_unet::ops::isa(),
                 Isa::detected(),
                 if ddpm_unet::ops::isa() < Isa::detected() {
