@@ -341,8 +341,8 @@ mod tests {
         }
     }
 
-    /// bf16 is not f32: each bf16 family's golden values differ from f32's (by far more than
-    /// the tolerance), so the bf16 checks are not copies of the f32 one.
+    /// bf16 is not f32: each bf16 family's golden samples differ from f32's (by more than the
+    /// tolerance), so the bf16 checks are not copies of the f32 one.
     #[test]
     fn bf16_golden_values_are_their_own() {
         let dir = golden_dir();
@@ -351,7 +351,13 @@ mod tests {
         for isa in [Isa::Avx512Bf16, Isa::Amx] {
             let b = ddpm_unet::read_safetensors(&golden_file(&dir, Precision::Bf16, isa)).unwrap();
             let diffs = differences(&b, &f).unwrap();
-            assert_eq!(diffs.len(), 4, "{isa}: {diffs:#?}");
+            // The three sample arrays at least (the first training losses may agree within
+            // their tolerance).
+            let samples = diffs
+                .iter()
+                .filter(|d| !d.starts_with("train_losses"))
+                .count();
+            assert_eq!(samples, 3, "{isa}: {diffs:#?}");
         }
     }
 
