@@ -78,6 +78,12 @@ pub fn fits(cin: usize, cout: usize) -> bool {
     cin >= 16 && cout.is_multiple_of(16)
 }
 
+/// Whether the weight-gradient tile kernel takes these channel counts: both in whole tiles of
+/// 16 (input rows and output-gradient columns are loaded 16 at a time).
+pub fn fits_weight_grad(cin: usize, cout: usize) -> bool {
+    cin.is_multiple_of(16) && cout.is_multiple_of(16)
+}
+
 /// Input-channel pairs padded to whole tiles (16 pairs, 32 channels).
 pub fn padded_pairs(cin: usize) -> usize {
     cin.div_ceil(2).div_ceil(16) * 16
@@ -517,8 +523,13 @@ pub(crate) mod stage {
                 }
             }
         }
-        // Word transpose [cout, len/2] -> [len/2, cout], sixteen position pairs at a time so
-        // that the destination rows stay in L1.
+        transpose_pairs(dy16, half, cout, dyv);
+    }
+
+    /// The output gradient's bf16 rows as position-pair words, [cout, half], transposed to the
+    /// tile kernel's [half, cout], sixteen position pairs at a time so that the destination
+    /// rows stay in L1.
+    pub(crate) fn transpose_pairs(dy16: &[u32], half: usize, cout: usize, dyv: &mut [u32]) {
         for p0 in (0..half).step_by(16) {
             let pn = (half - p0).min(16);
             for c in 0..cout {

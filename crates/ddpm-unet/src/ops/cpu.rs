@@ -131,23 +131,6 @@ impl ConvGeom {
             && super::amx::fits(self.c_in, self.c_out)
     }
 
-    /// dY [B, Cout, Ho, Wo] of a stride-2 convolution spread onto the stride-1 output grid
-    /// [B, Cout, H, W]: dY at the even positions, zero elsewhere.
-    fn spread_grad(&self, dy: &[f32]) -> Vec<f32> {
-        let (h, w, ho, wo) = (self.h, self.w, self.ho, self.wo);
-        let mut full = vec![0f32; self.b * self.c_out * h * w];
-        full.par_chunks_mut(h * w)
-            .zip(dy.par_chunks(ho * wo))
-            .for_each(|(f, d)| {
-                for (i, row) in d.chunks_exact(wo).enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        f[2 * i * w + 2 * j] = v;
-                    }
-                }
-            });
-        full
-    }
-
     /// A 1×1, stride-1, unpadded convolution needs no im2col: the image is its own column matrix.
     fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
@@ -359,14 +342,22 @@ impl Conv2d {
         w: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        let mut grad = grad.contiguous()?;
+        let (mut stride, mut pad) = (self.stride, self.pad);
+        let g = ConvGeom::new(x.dims(), w.dims(), stride, pad)?;
+        if g.strided_on_tiles(self.kernels) {
+            // Both gradients of the subsampled stride-1 convolution: from dY spread onto the
+            // full output grid once, through the stride-1 ops.
+            grad = grad.apply_op1_no_bwd(&SpreadGrad { h: g.h, w: g.w })?;
+            (stride, pad) = (1, 1);
+        }
         // The input gradient is skipped when nothing upstream needs it (e.g. the image batch).
         let dx = if x.track_op() {
             Some(grad.apply_op2_no_bwd(
                 w,
                 &Conv2dBackwardInput {
-                    stride: self.stride,
-                    pad: self.pad,
+                    stride,
+                    pad,
                     kernels: self.kernels,
                     h: x.dim(2)?,
                     w: x.dim(3)?,
@@ -379,8 +370,8 @@ impl Conv2d {
         let packed = grad.apply_op2_no_bwd(
             x,
             &Conv2dBackwardWeight {
-                stride: self.stride,
-                pad: self.pad,
+                stride,
+                pad,
                 kernels: self.kernels,
                 k: w.dim(2)?,
             },
@@ -426,12 +417,6 @@ impl CustomOp2 for Conv2dBackwardInput {
         if g.direct(self.kernels) {
             let dx =
                 super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
-            return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
-        }
-        if g.strided_on_tiles(self.kernels) {
-            let full = g.spread_grad(dy);
-            let dx =
-                super::direct::backward_input(&full, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
         if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
@@ -588,13 +573,9 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let dw = if g.direct(self.kernels) {
             // Already [dW; db].
             super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
-        } else if g.strided_on_tiles(self.kernels) {
-            let full = g.spread_grad(dy);
-            super::direct::backward_weight(&full, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
         } else if g.pointwise()
             && self.kernels.amx()
-            && g.c_in.is_multiple_of(16)
-            && g.c_out.is_multiple_of(16)
+            && super::amx::fits_weight_grad(g.c_in, g.c_out)
         {
             super::pointwise::weight_grad(dy, x, (g.b, g.c_in, g.n()), g.c_out)
         } else if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
@@ -636,6 +617,39 @@ pub fn conv2d_with(
         kernels,
     };
     timed(OpClass::Convolution, || x.apply_op3(&weight, &bias, op))
+}
+
+/// dY [B, C, Ho, Wo] of a stride-2 convolution spread onto its stride-1 output grid
+/// [B, C, h, w]: dY at the even positions, zero elsewhere.
+struct SpreadGrad {
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for SpreadGrad {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-spread-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = slice(s, l, "conv2d grad")?;
+        let (b, c, ho, wo) = l.shape().dims4()?;
+        let (h, w) = (self.h, self.w);
+        if ho != h.div_ceil(2) || wo != w.div_ceil(2) {
+            bail!("conv2d backward: gradient {ho}x{wo} does not fit a stride-2 output of {h}x{w}");
+        }
+        let mut full = vec![0f32; b * c * h * w];
+        full.par_chunks_mut(h * w)
+            .zip(dy.par_chunks(ho * wo))
+            .for_each(|(f, d)| {
+                for (i, row) in d.chunks_exact(wo).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        f[2 * i * w + 2 * j] = v;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(full), Shape::from((b, c, h, w))))
+    }
 }
 
 /// Nearest ×2 upsampling.

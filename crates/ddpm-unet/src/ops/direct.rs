@@ -75,17 +75,10 @@ impl Grid {
         }
     }
 
-    /// Drops the padding columns: [C, q] back to [C, H, W], adding `bias[c]` when given.
+    /// Drops the padding columns: [C, q] back to [C, H, W].
     /// Every element of `out` ([C, H, W]) is written.
-    fn drop_padding(
-        &self,
-        q: &[f32],
-        c: usize,
-        bias: Option<&[f32]>,
-        out: &mut [MaybeUninit<f32>],
-    ) {
+    fn drop_padding(&self, q: &[f32], c: usize, out: &mut [MaybeUninit<f32>]) {
         for ch in 0..c {
-            let add = bias.map_or(0.0, |b| b[ch]);
             let src = &q[ch * self.q..(ch + 1) * self.q];
             let dst = &mut out[ch * self.h * self.w..(ch + 1) * self.h * self.w];
             for y in 0..self.h {
@@ -94,7 +87,7 @@ impl Grid {
                     &src[y * self.wp..y * self.wp + self.w],
                 );
                 for (d, &s) in d.iter_mut().zip(s) {
-                    d.write(s + add);
+                    d.write(s);
                 }
             }
         }
@@ -199,7 +192,7 @@ fn conv_bf16(
                     unsafe {
                         super::bf16::forward(pairs, &g, cin.div_ceil(2), &wv, cout, bias, outq)
                     };
-                    g.drop_padding(outq, cout, None, o);
+                    g.drop_padding(outq, cout, o);
                 }
             })
         });
@@ -236,7 +229,7 @@ fn conv_avx2(
                 unsafe {
                     super::avx2::forward(&s.staged, &g, cin, wt, cout, bias, &mut s.outq)
                 };
-                g.drop_padding(&s.outq, cout, None, o);
+                g.drop_padding(&s.outq, cout, o);
             })
         });
     // SAFETY: drop_padding wrote every element of every image.
@@ -318,7 +311,7 @@ pub fn backward_weight(
     if !avx2 && !kernels.bf16_vectors() {
         return super::flat::weight_grad(dy, x, (b, cin, h, w), cout);
     }
-    if kernels.amx() && cin.is_multiple_of(16) && cout.is_multiple_of(16) {
+    if kernels.amx() && super::amx::fits_weight_grad(cin, cout) {
         return weight_grad_amx(dy, x, (b, cin, h, w), cout);
     }
     let step = if avx2 { 8 } else { 2 * LANES };

@@ -6,10 +6,31 @@
 
 use super::direct::with_scratch;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Images per task: stacks of about 1,024 positions, at most 16 images.
 fn stack(n: usize) -> usize {
     (1024 / n.max(1)).clamp(1, 16)
+}
+
+/// The kernel's rows [C, q] (the stacked images' positions) back to images [C, N] (+ bias);
+/// every element of `out` (whole images) is written.
+fn unstack(
+    outq: &[f32],
+    c: usize,
+    n: usize,
+    q: usize,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    for (j, img) in out.chunks_exact_mut(c * n).enumerate() {
+        for (co, dst) in img.chunks_exact_mut(n).enumerate() {
+            let add = bias.map_or(0.0, |b| b[co]);
+            for (d, &v) in dst.iter_mut().zip(&outq[co * q + j * n..][..n]) {
+                d.write(v + add);
+            }
+        }
+    }
 }
 
 /// Packs `k` images [C, N] (consecutive in `x`) as channel pairs on one position axis:
@@ -78,16 +99,7 @@ pub(crate) fn forward(
                 unsafe {
                     super::amx::products(&s.pairs, q, q, &[0], cin, &wa, cout, &mut s.outq)
                 };
-                for j in 0..m {
-                    for co in 0..cout {
-                        let add = bias.map_or(0.0, |b| b[co]);
-                        let src = &s.outq[co * q + j * n..][..n];
-                        let dst = &mut o[(j * cout + co) * n..][..n];
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            d.write(v + add);
-                        }
-                    }
-                }
+                unstack(&s.outq, cout, n, q, bias, o);
             })
         });
     // SAFETY: every element of every image was written above.
@@ -104,13 +116,15 @@ pub(crate) fn weight_grad(
     (b, cin, n): (usize, usize, usize),
     cout: usize,
 ) -> Vec<f32> {
-    assert!(super::amx::available() && cin.is_multiple_of(16) && cout.is_multiple_of(16));
+    assert!(super::amx::available() && super::amx::fits_weight_grad(cin, cout));
     let k = stack(n);
     let len = (k * n).div_ceil(32) * 32;
     let nw = cout * cin;
     super::cpu::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
-        let (mut x16, mut dyv) = (vec![0u16; cin * len], vec![0u32; len / 2 * cout]);
+        let half = len / 2;
+        let (mut x16, mut dy16) = (vec![0u16; cin * len], vec![0u32; half * cout]);
+        let mut dyv = vec![0u32; half * cout];
         let mut i0 = images.start;
         while i0 < images.end {
             let m = k.min(images.end - i0);
@@ -118,7 +132,7 @@ pub(crate) fn weight_grad(
             // in a short last chunk: clear the tail then.
             if m < k {
                 x16.fill(0);
-                dyv.fill(0);
+                dy16.fill(0);
             }
             for j in 0..m {
                 let img = i0 + j;
@@ -131,18 +145,21 @@ pub(crate) fn weight_grad(
                 for c in 0..cout {
                     let src = &dy[(img * cout + c) * n..][..n];
                     db[c] += super::cpu::sum(src) as f32;
-                    for (p, &v) in src.iter().enumerate() {
-                        let at = j * n + p;
-                        let word = &mut dyv[at / 2 * cout + c];
-                        let bits = super::bf16::bf16_bits(v);
-                        *word = if at % 2 == 0 {
-                            (*word & 0xffff_0000) | bits
-                        } else {
-                            (*word & 0xffff) | (bits << 16)
-                        };
+                    // SAFETY: the u16 view of row c of dy16 ([cout, len/2] words) is aligned
+                    // and in bounds; x86 is little-endian, so position 2k is word k's low half.
+                    let r16 = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dy16.as_mut_ptr().add(c * half).cast::<u16>(),
+                            len,
+                        )
+                    };
+                    for (d, &v) in r16[j * n..][..n].iter_mut().zip(src) {
+                        *d = super::bf16::bf16_bits(v) as u16;
                     }
                 }
             }
+            // Every word of dyv is rewritten from dy16.
+            super::amx::stage::transpose_pairs(&dy16, half, cout, &mut dyv);
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AMX checked above; len is a multiple of 32 and a 1×1 kernel reads
             // nothing past it; cin and cout are multiples of 16; x16 is [cin, len], dyv
@@ -196,16 +213,7 @@ pub(crate) fn forward_f32(
                 unsafe {
                     f32_kernels::forward(&s.staged, q, cin, wt, cout, &mut s.outq)
                 };
-                for j in 0..m {
-                    for co in 0..cout {
-                        let add = bias.map_or(0.0, |b| b[co]);
-                        let src = &s.outq[co * q + j * n..][..n];
-                        let dst = &mut o[(j * cout + co) * n..][..n];
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            d.write(v + add);
-                        }
-                    }
-                }
+                unstack(&s.outq, cout, n, q, bias, o);
             })
         });
     // SAFETY: every element of every image was written above.
