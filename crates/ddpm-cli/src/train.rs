@@ -57,6 +57,12 @@ pub struct TrainArgs {
     /// Predict x_0 instead of eps.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub predict_xstart: bool,
+    /// Predict the velocity v instead of eps (Salimans & Ho 2022).
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub predict_v: bool,
+    /// Min-SNR-γ loss weighting with this γ (Hang et al. 2023; 5 is the paper's choice).
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
     /// The hybrid loss: vb term scaled by T/1000.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub rescale_learned_sigmas: bool,
@@ -69,9 +75,25 @@ pub struct TrainArgs {
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
-    /// Anneal the learning rate to 0 over this many steps (0 = constant).
+    /// Anneal the learning rate to 0 over this many steps (0: over --steps when
+    /// --lr-schedule is linear or cosine, else constant).
     #[arg(long, default_value_t = 0)]
     pub lr_anneal_steps: u64,
+    /// constant, linear or cosine (default: linear when --lr-anneal-steps is set, else constant).
+    #[arg(long)]
+    pub lr_schedule: Option<ddpm_train::LrSchedule>,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    pub lr_warmup_steps: u64,
+    /// EMA warm-up: decay min(rate, 1 - (1 + step/inv_gamma)^-power), as diffusers.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub ema_warmup: bool,
+    /// inv_gamma of the EMA warm-up.
+    #[arg(long, default_value_t = 1.0)]
+    pub ema_inv_gamma: f64,
+    /// power of the EMA warm-up.
+    #[arg(long, default_value_t = 0.75)]
+    pub ema_power: f64,
     /// EMA rates (comma-separated).
     #[arg(long, default_value = "0.9999")]
     pub ema_rate: String,
@@ -172,6 +194,8 @@ impl TrainArgs {
             predict_xstart: self.predict_xstart,
             rescale_learned_sigmas: self.rescale_learned_sigmas,
             timestep_respacing: String::new(),
+            predict_v: self.predict_v,
+            snr_gamma: self.snr_gamma,
         }
     }
 
@@ -195,6 +219,12 @@ impl TrainArgs {
             lr: self.lr,
             weight_decay: self.weight_decay,
             lr_anneal_steps: self.lr_anneal_steps,
+            lr_schedule: self.lr_schedule,
+            lr_warmup_steps: self.lr_warmup_steps,
+            ema_warmup: self.ema_warmup.then_some(ddpm_train::EmaWarmup {
+                inv_gamma: self.ema_inv_gamma,
+                power: self.ema_power,
+            }),
             ema_rate: parse_list(&self.ema_rate, "--ema-rate")?,
             log_interval: self.log_interval,
             save_interval: self.save_interval,
@@ -233,6 +263,16 @@ pub const APPLIED_ON_RESUME: &[Applied] = &[
         "lr_anneal_steps",
         |c| c.lr_anneal_steps.to_string(),
         |c, n| c.lr_anneal_steps = n.lr_anneal_steps,
+    ),
+    (
+        "lr_schedule",
+        |c| c.lr_schedule().name().to_string(),
+        |c, n| c.lr_schedule = n.lr_schedule,
+    ),
+    (
+        "lr_warmup_steps",
+        |c| c.lr_warmup_steps.to_string(),
+        |c, n| c.lr_warmup_steps = n.lr_warmup_steps,
     ),
     (
         "microbatch",
@@ -337,6 +377,12 @@ fn fixed_on_resume(
             d.predict_xstart.to_string(),
             args.predict_xstart.to_string(),
         ),
+        "predict_v" => pair(d.predict_v.to_string(), args.predict_v.to_string()),
+        "snr_gamma" => pair(format!("{:?}", d.snr_gamma), format!("{:?}", args.snr_gamma)),
+        "ema_warmup" | "ema_inv_gamma" | "ema_power" => {
+            let now = args.train_config_unchecked()?.ema_warmup;
+            pair(format!("{:?}", t.ema_warmup), format!("{now:?}"))
+        }
         "rescale_learned_sigmas" => pair(
             d.rescale_learned_sigmas.to_string(),
             args.rescale_learned_sigmas.to_string(),

@@ -13,6 +13,8 @@ pub enum ModelMeanType {
     Epsilon,
     /// x_0 itself.
     StartX,
+    /// The velocity v = sqrt(alpha_bar)·eps - sqrt(1 - alpha_bar)·x_0 (Salimans & Ho 2022).
+    V,
 }
 
 /// How the model's output variance is obtained.
@@ -64,7 +66,8 @@ macro_rules! named_enum {
         }
     };
 }
-named_enum!(ModelMeanType, "model mean type", "eps, x0", "eps" => Epsilon, "x0" => StartX);
+named_enum!(ModelMeanType, "model mean type", "eps, x0, v", "eps" => Epsilon, "x0" => StartX,
+    "v" => V);
 named_enum!(ModelVarType, "model variance type", "fixed_small, fixed_large, learned, learned_range",
     "fixed_small" => FixedSmall, "fixed_large" => FixedLarge, "learned" => Learned,
     "learned_range" => LearnedRange);
@@ -100,6 +103,8 @@ pub struct DiffusionConfig {
     pub model_var_type: ModelVarType,
     /// The training objective.
     pub loss_type: LossType,
+    /// Min-SNR-γ weighting of the mse term (Hang et al. 2023; None = unweighted, as the original).
+    pub snr_gamma: Option<f64>,
 }
 
 impl Default for DiffusionConfig {
@@ -112,6 +117,7 @@ impl Default for DiffusionConfig {
             model_mean_type: ModelMeanType::Epsilon,
             model_var_type: ModelVarType::LearnedRange,
             loss_type: LossType::RescaledMse,
+            snr_gamma: None,
         }
     }
 }
@@ -148,7 +154,8 @@ pub struct PMeanVariance {
 pub struct LossTerms {
     /// The total loss, shape `[B]`.
     pub loss: Tensor,
-    /// The mean-squared error term (absent for the kl losses).
+    /// The mean-squared error term as it enters the loss (Min-SNR-weighted when γ is set;
+    /// absent for the kl losses).
     pub mse: Option<Tensor>,
     /// The variational-bound term of an mse loss with a learned variance (absent for a fixed
     /// variance, and for the kl losses, whose `loss` is the bound itself).
@@ -168,18 +175,36 @@ pub struct GaussianDiffusion {
     pub model_var_type: ModelVarType,
     /// The training objective.
     pub loss_type: LossType,
+    /// Min-SNR-γ weighting of the mse term (None: unweighted).
+    pub snr_gamma: Option<f64>,
 }
 
 impl GaussianDiffusion {
     /// Builds the process described by `cfg`.
     pub fn new(cfg: &DiffusionConfig) -> Result<Self> {
         let base = Schedule::named(cfg.beta_schedule, cfg.num_timesteps)?;
-        Ok(Self::from_spaced(
+        let d = Self::from_spaced(
             base.respace_spec(&cfg.respacing)?,
             cfg.model_mean_type,
             cfg.model_var_type,
             cfg.loss_type,
-        ))
+        );
+        d.with_snr_gamma(cfg.snr_gamma)
+    }
+
+    /// The same process with Min-SNR-γ weighting of its mse term (γ must be positive).
+    pub fn with_snr_gamma(mut self, snr_gamma: Option<f64>) -> Result<Self> {
+        if let Some(g) = snr_gamma {
+            if !(g > 0.0 && g.is_finite()) {
+                return Err(ScheduleError::BadSetting {
+                    what: "snr gamma",
+                    value: g.to_string(),
+                    reason: "must be positive and finite",
+                });
+            }
+        }
+        self.snr_gamma = snr_gamma;
+        Ok(self)
     }
 
     /// Builds a process from an already respaced schedule.
@@ -194,6 +219,7 @@ impl GaussianDiffusion {
             model_mean_type,
             model_var_type,
             loss_type,
+            snr_gamma: None,
         }
     }
 
@@ -260,7 +286,7 @@ impl GaussianDiffusion {
         Ok(())
     }
 
-    fn table_coef(
+    pub(crate) fn table_coef(
         &self,
         op: &'static str,
         table: &[f64],
@@ -270,7 +296,7 @@ impl GaussianDiffusion {
         self.coef(op, t, x, |i| table[i])
     }
 
-    fn check_same(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    pub(crate) fn check_same(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
         if a.shape() != b.shape() {
             return Err(ScheduleError::Shape {
                 op,
@@ -333,54 +359,6 @@ impl GaussianDiffusion {
             variance,
             log_variance,
         })
-    }
-
-    /// x_0 predicted from x_t and the predicted noise.
-    pub fn predict_xstart_from_eps(
-        &self,
-        x_t: &Tensor,
-        t: &[usize],
-        eps: &Tensor,
-    ) -> Result<Tensor> {
-        Self::check_same("predict_xstart_from_eps", x_t, eps)?;
-        let s = self.schedule();
-        let a = self.table_coef(
-            "predict_xstart_from_eps",
-            &s.sqrt_recip_alphas_cumprod,
-            t,
-            x_t,
-        )?;
-        let b = self.table_coef(
-            "predict_xstart_from_eps",
-            &s.sqrt_recipm1_alphas_cumprod,
-            t,
-            x_t,
-        )?;
-        Ok((a.broadcast_mul(x_t)? - b.broadcast_mul(eps)?)?)
-    }
-
-    /// The noise implied by x_t and a prediction of x_0.
-    pub fn predict_eps_from_xstart(
-        &self,
-        x_t: &Tensor,
-        t: &[usize],
-        pred_xstart: &Tensor,
-    ) -> Result<Tensor> {
-        Self::check_same("predict_eps_from_xstart", x_t, pred_xstart)?;
-        let s = self.schedule();
-        let a = self.table_coef(
-            "predict_eps_from_xstart",
-            &s.sqrt_recip_alphas_cumprod,
-            t,
-            x_t,
-        )?;
-        let b = self.table_coef(
-            "predict_eps_from_xstart",
-            &s.sqrt_recipm1_alphas_cumprod,
-            t,
-            x_t,
-        )?;
-        Ok((a.broadcast_mul(x_t)? - pred_xstart)?.broadcast_div(&b)?)
     }
 
     /// Splits a model output into its mean part and, for learned variances, its variance part.
@@ -471,6 +449,7 @@ impl GaussianDiffusion {
         let raw_xstart = match self.model_mean_type {
             ModelMeanType::StartX => mean_out,
             ModelMeanType::Epsilon => self.predict_xstart_from_eps(x_t, t, &mean_out)?,
+            ModelMeanType::V => self.predict_xstart_from_v(x_t, t, &mean_out)?,
         };
         let pred_xstart = if clip_denoised {
             raw_xstart.clamp(-1f32, 1f32)?
@@ -576,10 +555,17 @@ impl GaussianDiffusion {
             None => None,
         };
         let target = match self.model_mean_type {
-            ModelMeanType::Epsilon => noise,
-            ModelMeanType::StartX => x_start,
+            ModelMeanType::Epsilon => noise.clone(),
+            ModelMeanType::StartX => x_start.clone(),
+            ModelMeanType::V => self.predict_v(x_start, t, noise)?,
         };
-        let mse = mean_flat(&(target - &mean_out)?.sqr()?)?;
+        let mut mse = mean_flat(&(target - &mean_out)?.sqr()?)?;
+        if let Some(gamma) = self.snr_gamma {
+            // Only the mse term is weighted: the vb term trains the variance and stays a bound.
+            let w: Vec<f64> = t.iter().map(|&i| self.snr_weight(i, gamma)).collect();
+            let w = Tensor::from_vec(w, t.len(), mse.device())?.to_dtype(mse.dtype())?;
+            mse = (mse * w)?;
+        }
         let loss = match &vb {
             Some(vb) => (&mse + vb)?,
             None => mse.clone(),

@@ -10,6 +10,7 @@
 mod beta;
 mod diffusion;
 mod noise;
+mod predict;
 mod respace;
 mod sampling;
 mod tables;
@@ -68,6 +69,16 @@ pub enum ScheduleError {
         value: String,
         /// The accepted values.
         expected: &'static str,
+    },
+    /// A setting whose value is out of its range.
+    #[error("{what} {value} {reason}")]
+    BadSetting {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// What it must be.
+        reason: &'static str,
     },
     /// Tensors or timesteps whose shapes do not fit together.
     #[error("{op}: {detail}")]

@@ -37,6 +37,7 @@ fn diffusion(
         model_mean_type: ModelMeanType::Epsilon,
         model_var_type: var,
         loss_type: loss,
+        snr_gamma: None,
     })
     .unwrap()
 }

@@ -23,13 +23,18 @@ impl Ema {
         Ok(Self { rate, params })
     }
 
-    /// Moves the average towards the parameters' current values.
+    /// Moves the average towards the parameters' current values at the average's rate.
     pub fn update(&mut self, params: &[(String, Var)]) -> Result<()> {
+        self.update_with_decay(params, self.rate)
+    }
+
+    /// Moves the average with this step's `decay` (below the rate during an EMA warm-up).
+    pub fn update_with_decay(&mut self, params: &[(String, Var)], decay: f64) -> Result<()> {
         for (name, var) in params {
             if let Some(e) = self.params.get_mut(name) {
                 // Detached: otherwise each average keeps the previous one (and both products)
                 // alive as its backprop graph, and memory grows by three model copies a step.
-                *e = ((&*e * self.rate)? + (var.as_tensor() * (1.0 - self.rate))?)?.detach();
+                *e = ((&*e * decay)? + (var.as_tensor() * (1.0 - decay))?)?.detach();
             }
         }
         Ok(())

@@ -47,7 +47,7 @@ pub mod trainer;
 pub use checkpoint::CheckpointMeta;
 pub use data::{ImageDataset, Split};
 pub use sampler::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
-pub use settings::{DiffusionSettings, TrainConfig};
+pub use settings::{DiffusionSettings, EmaWarmup, LrSchedule, TrainConfig};
 pub use trainer::{RunOutcome, StepStats, Trainer};
 
 /// Errors raised while training.

@@ -24,6 +24,12 @@ pub struct DiffusionSettings {
     pub rescale_learned_sigmas: bool,
     /// Respacing used when sampling ("" = every step).
     pub timestep_respacing: String,
+    /// Predict the velocity v (Salimans & Ho 2022) instead of eps.
+    #[serde(default)]
+    pub predict_v: bool,
+    /// Min-SNR-γ weighting of the mse term (Hang et al. 2023; None: unweighted).
+    #[serde(default)]
+    pub snr_gamma: Option<f64>,
 }
 
 impl Default for DiffusionSettings {
@@ -38,6 +44,8 @@ impl Default for DiffusionSettings {
             predict_xstart: false,
             rescale_learned_sigmas: true,
             timestep_respacing: String::new(),
+            predict_v: false,
+            snr_gamma: None,
         }
     }
 }
@@ -57,6 +65,19 @@ impl DiffusionSettings {
             (false, true) => ModelVarType::FixedSmall,
             (false, false) => ModelVarType::FixedLarge,
         };
+        if self.predict_v && self.predict_xstart {
+            return Err(TrainError::Config(
+                "predict_v and predict_xstart exclude each other: the model predicts one thing"
+                    .into(),
+            ));
+        }
+        if let Some(g) = self.snr_gamma {
+            if !(g > 0.0 && g.is_finite()) {
+                return Err(TrainError::Config(format!(
+                    "snr gamma {g} must be positive and finite"
+                )));
+            }
+        }
         Ok(DiffusionConfig {
             beta_schedule: self
                 .noise_schedule
@@ -66,11 +87,14 @@ impl DiffusionSettings {
             respacing: respacing.unwrap_or(&self.timestep_respacing).to_string(),
             model_mean_type: if self.predict_xstart {
                 ModelMeanType::StartX
+            } else if self.predict_v {
+                ModelMeanType::V
             } else {
                 ModelMeanType::Epsilon
             },
             model_var_type,
             loss_type,
+            snr_gamma: self.snr_gamma,
         })
     }
 
@@ -80,6 +104,65 @@ impl DiffusionSettings {
             2 * in_channels
         } else {
             in_channels
+        }
+    }
+}
+
+/// How the learning rate changes over a run (after its warm-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The configured rate throughout.
+    Constant,
+    /// Linearly down to 0 (the original's `lr_anneal_steps`).
+    Linear,
+    /// Half a cosine down to 0.
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(Self::Constant),
+            "linear" => Ok(Self::Linear),
+            "cosine" => Ok(Self::Cosine),
+            other => Err(TrainError::Config(format!(
+                "unknown lr schedule {other:?} (constant, linear, cosine)"
+            ))),
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Constant => "constant",
+            Self::Linear => "linear",
+            Self::Cosine => "cosine",
+        }
+    }
+}
+
+/// EMA warm-up as diffusers' `EMAModel(use_ema_warmup=True)`: the n-th update uses the decay
+/// min(rate, 1 - (1 + (n-1)/inv_gamma)^-power) (0 for the first, which copies the weights), so
+/// the average forgets the random initialisation within a few hundred steps instead of
+/// thousands, and approaches the configured rate as training goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaWarmup {
+    /// Steps scale of the ramp (diffusers' `inv_gamma`, 1.0 in train_unconditional.py).
+    pub inv_gamma: f64,
+    /// Exponent of the ramp (diffusers' `power`: 0.75 there, 2/3 for long runs).
+    pub power: f64,
+}
+
+impl Default for EmaWarmup {
+    fn default() -> Self {
+        Self {
+            inv_gamma: 1.0,
+            power: 0.75,
         }
     }
 }
@@ -96,8 +179,18 @@ pub struct TrainConfig {
     pub lr: f64,
     /// AdamW weight decay.
     pub weight_decay: f64,
-    /// Anneal the learning rate linearly to 0 over this many steps (0 = constant).
+    /// Anneal the learning rate to 0 over this many steps (0: over `steps` when a decaying
+    /// `lr_schedule` is set, else no annealing).
     pub lr_anneal_steps: u64,
+    /// How the rate decays (None: the original's rule, linear when `lr_anneal_steps` > 0).
+    #[serde(default)]
+    pub lr_schedule: Option<LrSchedule>,
+    /// Steps of linear warm-up from lr/warmup to lr before the schedule starts.
+    #[serde(default)]
+    pub lr_warmup_steps: u64,
+    /// EMA warm-up (None: every update uses the configured rate, as the original).
+    #[serde(default)]
+    pub ema_warmup: Option<EmaWarmup>,
     /// EMA decay rates.
     pub ema_rate: Vec<f64>,
     /// Log every this many steps.
@@ -132,6 +225,9 @@ impl Default for TrainConfig {
             lr: 1e-4,
             weight_decay: 0.0,
             lr_anneal_steps: 0,
+            lr_schedule: None,
+            lr_warmup_steps: 0,
+            ema_warmup: None,
             ema_rate: vec![0.9999],
             log_interval: 10,
             save_interval: 1000,
@@ -181,6 +277,15 @@ impl TrainConfig {
                 return fail(format!("ema rate {r} is given twice"));
             }
         }
+        if let Some(w) = self.ema_warmup {
+            if !(w.inv_gamma > 0.0 && w.inv_gamma.is_finite() && w.power > 0.0 && w.power.is_finite())
+            {
+                return fail(format!(
+                    "ema warm-up inv_gamma {} and power {} must be positive and finite",
+                    w.inv_gamma, w.power
+                ));
+            }
+        }
         if self.log_interval == 0 || self.save_interval == 0 {
             return fail("log_interval and save_interval must be positive".into());
         }
@@ -199,6 +304,48 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// The schedule in force: the configured one, or the original's rule.
+    pub fn lr_schedule(&self) -> LrSchedule {
+        self.lr_schedule.unwrap_or(if self.lr_anneal_steps > 0 {
+            LrSchedule::Linear
+        } else {
+            LrSchedule::Constant
+        })
+    }
+
+    /// The learning rate of optimiser step `step` (0-based): a linear warm-up over
+    /// `lr_warmup_steps`, then the schedule over the rest of `lr_anneal_steps` (or `steps`).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let warm = self.lr_warmup_steps;
+        if step < warm {
+            return self.lr * (step + 1) as f64 / warm as f64;
+        }
+        let horizon = if self.lr_anneal_steps > 0 {
+            self.lr_anneal_steps
+        } else {
+            self.steps
+        };
+        let span = horizon.saturating_sub(warm).max(1) as f64;
+        let frac = ((step - warm) as f64 / span).min(1.0);
+        match self.lr_schedule() {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Linear => self.lr * (1.0 - frac),
+            LrSchedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()),
+        }
+    }
+
+    /// The decay an EMA of `rate` uses at its `update`-th update (1-based).
+    pub fn ema_decay(&self, rate: f64, update: u64) -> f64 {
+        match self.ema_warmup {
+            None => rate,
+            Some(_) if update <= 1 => 0.0,
+            Some(w) => {
+                let k = (update - 1) as f64;
+                rate.min(1.0 - (1.0 + k / w.inv_gamma).powf(-w.power))
+            }
+        }
     }
 
     /// The microbatch size actually used.
@@ -246,6 +393,59 @@ mod tests {
     }
 
     #[test]
+    fn lr_schedules_follow_their_formulas() {
+        let c = |schedule, anneal, warm| TrainConfig {
+            lr: 2e-4,
+            steps: 1000,
+            lr_anneal_steps: anneal,
+            lr_schedule: schedule,
+            lr_warmup_steps: warm,
+            ..Default::default()
+        };
+        // The original's rule: constant, or linear over lr_anneal_steps, exactly as before.
+        assert_eq!(c(None, 0, 0).lr_at(700), 2e-4);
+        let orig = c(None, 400, 0);
+        assert_eq!(orig.lr_schedule(), LrSchedule::Linear);
+        assert!((orig.lr_at(100) - 2e-4 * 0.75).abs() < 1e-18);
+        assert_eq!(orig.lr_at(400), 0.0);
+        assert_eq!(orig.lr_at(900), 0.0);
+        // Warm-up: (step + 1)/warmup of the rate, then the schedule over the rest of the run.
+        let cos = c(Some(LrSchedule::Cosine), 0, 100);
+        assert!((cos.lr_at(0) - 2e-6).abs() < 1e-18);
+        assert!((cos.lr_at(49) - 1e-4).abs() < 1e-15);
+        assert!((cos.lr_at(100) - 2e-4).abs() < 1e-15);
+        assert!((cos.lr_at(550) - 1e-4).abs() < 1e-12, "{}", cos.lr_at(550));
+        assert!(cos.lr_at(1000).abs() < 1e-18);
+        let lin = c(Some(LrSchedule::Linear), 0, 0);
+        assert!((lin.lr_at(250) - 1.5e-4).abs() < 1e-15);
+        // An explicit constant schedule ignores lr_anneal_steps.
+        assert_eq!(c(Some(LrSchedule::Constant), 400, 0).lr_at(500), 2e-4);
+        assert_eq!("cosine".parse::<LrSchedule>().unwrap(), LrSchedule::Cosine);
+        let e = "step".parse::<LrSchedule>().unwrap_err().to_string();
+        assert!(e.contains("constant, linear, cosine"), "{e}");
+    }
+
+    #[test]
+    fn ema_warmup_ramps_to_the_rate() {
+        let plain = TrainConfig::default();
+        assert_eq!(plain.ema_decay(0.999, 1), 0.999);
+        let warm = TrainConfig {
+            ema_warmup: Some(EmaWarmup::default()),
+            ..Default::default()
+        };
+        assert_eq!(warm.ema_decay(0.999, 1), 0.0);
+        // 1 - 2^-0.75 and 1 - 102^-0.75, as diffusers' get_decay at optimisation steps 2, 102.
+        assert!((warm.ema_decay(0.999, 2) - (1.0 - 2f64.powf(-0.75))).abs() < 1e-15);
+        assert!((warm.ema_decay(0.999, 102) - (1.0 - 102f64.powf(-0.75))).abs() < 1e-15);
+        assert_eq!(warm.ema_decay(0.999, 100_000), 0.999);
+        // What is left of the initial weights after 500 updates: nothing, where a plain 0.999
+        // average still holds 61% of them.
+        let left: f64 = (1..=500).map(|n| warm.ema_decay(0.999, n)).product();
+        assert!(left < 1e-6, "{left}");
+        assert!((0.999f64.powi(500) - 0.606).abs() < 1e-3);
+    }
+
+    #[test]
     fn bad_train_configs_say_why() {
         let e = |f: fn(&mut TrainConfig)| {
             let mut c = TrainConfig::default();
@@ -270,6 +470,34 @@ mod tests {
             c.sample_count = 0
         })
         .contains("sample_count"));
+        assert!(e(|c| c.ema_warmup = Some(EmaWarmup {
+            inv_gamma: 0.0,
+            power: 0.75
+        }))
+        .contains("inv_gamma 0"));
         TrainConfig::default().validate().unwrap();
+        let both = DiffusionSettings {
+            predict_v: true,
+            predict_xstart: true,
+            ..Default::default()
+        };
+        assert!(both.to_config(None).unwrap_err().to_string().contains("predict_v"));
+        let bad_gamma = DiffusionSettings {
+            snr_gamma: Some(-5.0),
+            ..Default::default()
+        };
+        assert!(bad_gamma
+            .to_config(None)
+            .unwrap_err()
+            .to_string()
+            .contains("snr gamma -5"));
+        let v = DiffusionSettings {
+            predict_v: true,
+            snr_gamma: Some(5.0),
+            ..Default::default()
+        }
+        .to_config(None)
+        .unwrap();
+        assert_eq!((v.model_mean_type, v.snr_gamma), (ModelMeanType::V, Some(5.0)));
     }
 }

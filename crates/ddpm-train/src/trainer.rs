@@ -211,11 +211,13 @@ impl Trainer {
             )));
         }
         if cfg.ema_rate != meta.train.ema_rate
+            || cfg.ema_warmup != meta.train.ema_warmup
             || cfg.class_cond != meta.train.class_cond
             || cfg.schedule_sampler != meta.train.schedule_sampler
         {
             return Err(TrainError::Config(
-                "ema_rate, class_cond and schedule_sampler cannot change on resume".into(),
+                "ema_rate, ema_warmup, class_cond and schedule_sampler cannot change on resume"
+                    .into(),
             ));
         }
         let mut t = Self::new(
@@ -306,17 +308,18 @@ impl Trainer {
         &self.store
     }
 
+    /// The diffusion flags this run trains with.
+    pub fn diffusion_settings(&self) -> &DiffusionSettings {
+        &self.diffusion_settings
+    }
+
     /// The EMA weights.
     pub fn emas(&self) -> &[Ema] {
         &self.emas
     }
 
     fn lr_at(&self, step: u64) -> f64 {
-        if self.cfg.lr_anneal_steps == 0 {
-            return self.cfg.lr;
-        }
-        let frac = step as f64 / self.cfg.lr_anneal_steps as f64;
-        self.cfg.lr * (1.0 - frac).max(0.0)
+        self.cfg.lr_at(step)
     }
 
     /// One optimiser step over one batch (microbatches accumulate gradients, as the original).
@@ -440,8 +443,11 @@ impl Trainer {
         let lr = self.lr_at(self.step);
         self.opt.cfg.lr = lr;
         self.opt.step(&grads)?;
+        // The step count is in every checkpoint, so a resumed run continues the same ramp.
+        let update = self.step + 1;
         for ema in &mut self.emas {
-            ema.update(&self.params)?;
+            let decay = self.cfg.ema_decay(ema.rate, update);
+            ema.update_with_decay(&self.params, decay)?;
         }
         Ok((norm, lr))
     }

@@ -4,7 +4,9 @@ use candle_core::{Device, Tensor};
 use ddpm_train::checkpoint::CheckpointMeta;
 use ddpm_train::data::{IdxArray, ImageDataset};
 use ddpm_train::run_folder::list_checkpoints;
-use ddpm_train::{DiffusionSettings, RunOutcome, Split, TrainConfig, TrainError, Trainer};
+use ddpm_train::{
+    DiffusionSettings, EmaWarmup, LrSchedule, RunOutcome, Split, TrainConfig, TrainError, Trainer,
+};
 use ddpm_unet::UNetConfig;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -54,18 +56,77 @@ fn data() -> ImageDataset {
 }
 
 fn trainer(dir: &Path, steps: u64) -> Trainer {
-    Trainer::new(
-        tiny_model(),
-        DiffusionSettings {
-            diffusion_steps: 50,
-            ..Default::default()
-        },
-        tiny_train(steps),
-        data(),
-        dir,
-        &Device::Cpu,
-    )
-    .unwrap()
+    trainer_with(dir, tiny_train(steps), tiny_diffusion())
+}
+
+fn tiny_diffusion() -> DiffusionSettings {
+    DiffusionSettings {
+        diffusion_steps: 50,
+        ..Default::default()
+    }
+}
+
+fn trainer_with(dir: &Path, cfg: TrainConfig, diffusion: DiffusionSettings) -> Trainer {
+    Trainer::new(tiny_model(), diffusion, cfg, data(), dir, &Device::Cpu).unwrap()
+}
+
+/// The newer recipe: EMA warm-up, cosine lr with warm-up, v-prediction with Min-SNR-5.
+fn recipe(steps: u64) -> (TrainConfig, DiffusionSettings) {
+    let cfg = TrainConfig {
+        ema_warmup: Some(EmaWarmup::default()),
+        lr_schedule: Some(LrSchedule::Cosine),
+        lr_warmup_steps: 3,
+        lr: 1e-3,
+        ..tiny_train(steps)
+    };
+    let diffusion = DiffusionSettings {
+        predict_v: true,
+        snr_gamma: Some(5.0),
+        ..tiny_diffusion()
+    };
+    (cfg, diffusion)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn the_newer_recipe_resumes_exactly_and_its_ema_starts_at_the_weights() {
+    let a = tempfile::tempdir().unwrap();
+    let (cfg, diffusion) = recipe(6);
+    let mut straight = trainer_with(a.path(), cfg.clone(), diffusion.clone());
+    let first_loss = straight.train_step().unwrap();
+    // The first warm-up update copies the weights: decay 0.
+    let w = straight.params().tensors().unwrap();
+    for ema in straight.emas() {
+        assert_eq!(flat(&ema.params["out.2.weight"]), flat(&w["out.2.weight"]));
+    }
+    assert!((first_loss.lr - 1e-3 / 3.0).abs() < 1e-12, "{}", first_loss.lr);
+    let mut want = vec![first_loss.loss];
+    want.extend(losses(&mut straight, 5));
+    let b = tempfile::tempdir().unwrap();
+    let mut first = trainer_with(b.path(), cfg, diffusion);
+    let mut got = losses(&mut first, 3);
+    let ckpt = first.save().unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(&ckpt, data(), b.path(), &Device::Cpu, |_| {}).unwrap();
+    assert_eq!(resumed.cfg.ema_warmup, Some(EmaWarmup::default()));
+    assert!(resumed.diffusion_settings().snr_gamma == Some(5.0));
+    got.extend(losses(&mut resumed, 3));
+    assert_eq!(got, want);
+    for (e1, e2) in straight.emas().iter().zip(resumed.emas()) {
+        assert_eq!(
+            flat(&e1.params["out.2.weight"]),
+            flat(&e2.params["out.2.weight"])
+        );
+    }
+    // The EMA moved off the weights after the first step (decay > 0 from the second update).
+    let w = resumed.params().tensors().unwrap();
+    assert_ne!(
+        flat(&resumed.emas()[1].params["out.2.weight"]),
+        flat(&w["out.2.weight"])
+    );
 }
 
 fn losses(t: &mut Trainer, n: usize) -> Vec<f64> {
