@@ -378,7 +378,10 @@ fn fixed_on_resume(
             args.predict_xstart.to_string(),
         ),
         "predict_v" => pair(d.predict_v.to_string(), args.predict_v.to_string()),
-        "snr_gamma" => pair(format!("{:?}", d.snr_gamma), format!("{:?}", args.snr_gamma)),
+        "snr_gamma" => pair(
+            format!("{:?}", d.snr_gamma),
+            format!("{:?}", args.snr_gamma),
+        ),
         "ema_warmup" | "ema_inv_gamma" | "ema_power" => {
             let now = args.train_config_unchecked()?.ema_warmup;
             pair(format!("{:?}", t.ema_warmup), format!("{now:?}"))

@@ -183,7 +183,11 @@ fn min_snr_weights_make_the_three_parameterisations_one_loss_on_x0() {
             .unwrap();
         let got: Vec<f64> = terms.loss.to_vec1().unwrap();
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() < 1e-9 * w.max(1.0), "{mean:?} t={}: {g} vs {w}", t[k]);
+            assert!(
+                (g - w).abs() < 1e-9 * w.max(1.0),
+                "{mean:?} t={}: {g} vs {w}",
+                t[k]
+            );
         }
         // Unweighted, the eps loss is SNR·|Δx0|², far above the clamp at high SNR.
         let plain = diffusion(mean, ModelVarType::FixedSmall, None)
@@ -207,7 +211,14 @@ fn v_training_loss_is_zero_at_the_target_and_gamma_is_checked() {
     let zero = d
         .training_losses(|_, _| Ok(v.clone()), &x0, &t, &noise)
         .unwrap();
-    let z: f64 = zero.loss.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let z: f64 = zero
+        .loss
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(z < 1e-20, "{z}");
     // Predicting eps instead of v is penalised.
     let wrong = d
@@ -224,7 +235,11 @@ fn v_training_loss_is_zero_at_the_target_and_gamma_is_checked() {
             .to_scalar()
             .unwrap();
         let want = d.snr_weight(i, 5.0) * err;
-        assert!(want > 0.0 && (got[k] - want).abs() < 1e-12, "{} vs {want}", got[k]);
+        assert!(
+            want > 0.0 && (got[k] - want).abs() < 1e-12,
+            "{} vs {want}",
+            got[k]
+        );
     }
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         let e = diffusion(ModelMeanType::V, ModelVarType::FixedSmall, None)

@@ -278,7 +278,10 @@ impl TrainConfig {
             }
         }
         if let Some(w) = self.ema_warmup {
-            if !(w.inv_gamma > 0.0 && w.inv_gamma.is_finite() && w.power > 0.0 && w.power.is_finite())
+            if !(w.inv_gamma > 0.0
+                && w.inv_gamma.is_finite()
+                && w.power > 0.0
+                && w.power.is_finite())
             {
                 return fail(format!(
                     "ema warm-up inv_gamma {} and power {} must be positive and finite",
@@ -481,7 +484,11 @@ mod tests {
             predict_xstart: true,
             ..Default::default()
         };
-        assert!(both.to_config(None).unwrap_err().to_string().contains("predict_v"));
+        assert!(both
+            .to_config(None)
+            .unwrap_err()
+            .to_string()
+            .contains("predict_v"));
         let bad_gamma = DiffusionSettings {
             snr_gamma: Some(-5.0),
             ..Default::default()
@@ -498,6 +505,9 @@ mod tests {
         }
         .to_config(None)
         .unwrap();
-        assert_eq!((v.model_mean_type, v.snr_gamma), (ModelMeanType::V, Some(5.0)));
+        assert_eq!(
+            (v.model_mean_type, v.snr_gamma),
+            (ModelMeanType::V, Some(5.0))
+        );
     }
 }

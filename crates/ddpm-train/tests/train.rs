@@ -102,7 +102,11 @@ fn the_newer_recipe_resumes_exactly_and_its_ema_starts_at_the_weights() {
     for ema in straight.emas() {
         assert_eq!(flat(&ema.params["out.2.weight"]), flat(&w["out.2.weight"]));
     }
-    assert!((first_loss.lr - 1e-3 / 3.0).abs() < 1e-12, "{}", first_loss.lr);
+    assert!(
+        (first_loss.lr - 1e-3 / 3.0).abs() < 1e-12,
+        "{}",
+        first_loss.lr
+    );
     let mut want = vec![first_loss.loss];
     want.extend(losses(&mut straight, 5));
     let b = tempfile::tempdir().unwrap();
