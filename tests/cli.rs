@@ -339,3 +339,75 @@ fn precision_and_kernel_family_flags() {
         );
     }
 }
+
+#[test]
+fn solvers_and_the_newer_training_flags() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, ckpt) = trained(root.path(), false);
+    let c = ckpt.to_str().unwrap();
+    let npz = |tag: &str, extra: &[&str]| {
+        let f = root.path().join(format!("{tag}.npz"));
+        let mut a = vec!["sample", "--checkpoint", c, "--num", "3", "--seed", "5"];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--npz", f.to_str().unwrap(), "--no-progress"]);
+        ok(&cli(&a));
+        std::fs::read(f).unwrap()
+    };
+    // Each solver runs in 4 model evaluations, deterministically. (A two-step model saturates
+    // every pixel alike, so the solvers' own differences are tested in ddpm-schedule.)
+    let mut outs = Vec::new();
+    for solver in ["ddim", "dpm++2m", "unipc"] {
+        let a = npz(solver, &["--solver", solver, "--steps", "4"]);
+        assert_eq!(a, npz(solver, &["--solver", solver, "--respacing", "4"]));
+        outs.push(a);
+    }
+    // --ddim is --solver ddim.
+    assert_eq!(outs[0], npz("ddim-flag", &["--ddim", "--steps", "4"]));
+    let base = ["sample", "--checkpoint", c, "--npz", "/tmp/never.npz"];
+    let bad = |extra: &[&str], words: &str| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        fails_with(&cli(&a), words);
+    };
+    bad(&["--solver", "euler"], "ddpm, ddim, dpm++2m, unipc");
+    bad(&["--steps", "4", "--respacing", "8"], "give one");
+    bad(&["--steps", "0"], "at least one step");
+    bad(&["--solver", "unipc", "--eta", "1"], "DDIM setting");
+    bad(&["--ddim", "--solver", "dpm++2m"], "exclude each other");
+    // Training with the newer recipe, and its bad values.
+    let out = root.path().join("recipe");
+    ok(&train(
+        &data,
+        &out,
+        &[
+            "--steps",
+            "2",
+            "--predict-v",
+            "--snr-gamma",
+            "5",
+            "--ema-warmup",
+            "--lr-schedule",
+            "cosine",
+            "--lr-warmup-steps",
+            "1",
+            "--learn-sigma",
+            "false",
+        ],
+    ));
+    let cfg = std::fs::read_to_string(out.join("checkpoint-0000002/config.json")).unwrap();
+    for key in [
+        "\"predict_v\":true",
+        "\"snr_gamma\":5.0",
+        "\"lr_schedule\":\"cosine\"",
+    ] {
+        assert!(cfg.replace([' ', '\n'], "").contains(key), "{key} in {cfg}");
+    }
+    let o = root.path().join("bad");
+    let bad_train = |extra: &[&str], words: &str| {
+        fails_with(&train(&data, &o, extra), words);
+    };
+    bad_train(&["--lr-schedule", "step"], "constant, linear, cosine");
+    bad_train(&["--snr-gamma", "0"], "snr gamma 0");
+    bad_train(&["--predict-v", "--predict-xstart"], "exclude each other");
+    bad_train(&["--ema-warmup", "--ema-power", "-1"], "power -1");
+}

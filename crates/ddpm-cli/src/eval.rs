@@ -29,6 +29,9 @@ pub struct EvalArgs {
     /// Sample with DDIM.
     #[arg(long)]
     pub ddim: bool,
+    /// Sampling method: ddpm, ddim, dpm++2m or unipc.
+    #[arg(long, default_value = "ddpm")]
+    pub solver: String,
     /// DDIM eta.
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
@@ -75,6 +78,8 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         batch_size: args.batch_size,
         respacing: args.respacing.clone(),
         ddim: args.ddim,
+        solver: args.solver.clone(),
+        steps: None,
         eta: args.eta,
         clip_denoised: true,
         seed: args.seed,
@@ -110,6 +115,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         "num": args.num,
         "test_images": test.len,
         "respacing": args.respacing,
+        "solver": if args.ddim { "ddim" } else { args.solver.as_str() },
         "samples": {
             "frechet_distance": frechet_distance(&f_gen, &f_test),
             "inception_score": inception_score(&p_gen),

@@ -29,9 +29,17 @@ pub struct SampleArgs {
     /// Timestep respacing: "" (all steps), "250", "ddim50", ...
     #[arg(long, default_value = "")]
     pub respacing: String,
-    /// Use DDIM instead of ancestral sampling.
+    /// Use DDIM instead of ancestral sampling (the same as --solver ddim).
     #[arg(long)]
     pub ddim: bool,
+    /// Sampling method: ddpm (ancestral), ddim, dpm++2m (DPM-Solver++(2M)) or unipc (UniPC-2);
+    /// the ODE solvers need far fewer steps, e.g. --steps 20.
+    #[arg(long, default_value = "ddpm")]
+    pub solver: String,
+    /// Model evaluations: respaces the schedule to N evenly spaced steps (the same as
+    /// --respacing N).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
@@ -142,17 +150,32 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         (Some(c), Some(k)) if c as usize >= k => bail!("--class {c} is outside 0..{k}"),
         _ => {}
     }
+    let respacing = match (args.steps, args.respacing.as_str()) {
+        (Some(0), _) => bail!("--steps 0: sampling needs at least one step"),
+        (Some(n), "") => n.to_string(),
+        (Some(n), r) => bail!("--steps {n} and --respacing {r:?} both set the steps: give one"),
+        (None, r) => r.to_string(),
+    };
     let cfg = meta
         .diffusion
-        .to_config(Some(&args.respacing))
+        .to_config(Some(&respacing))
         .context("--respacing")?;
-    let diffusion = GaussianDiffusion::new(&cfg)
-        .with_context(|| format!("--respacing {:?}", args.respacing))?;
-    let sampler = if args.ddim {
-        Sampler::Ddim { eta: args.eta }
-    } else {
-        Sampler::Ddpm
+    let diffusion =
+        GaussianDiffusion::new(&cfg).with_context(|| format!("--respacing {respacing:?}"))?;
+    let sampler = match (args.ddim, args.solver.parse::<Sampler>()?) {
+        (true, Sampler::Ddpm | Sampler::Ddim { .. }) | (false, Sampler::Ddim { .. }) => {
+            Sampler::Ddim { eta: args.eta }
+        }
+        (true, other) => bail!("--ddim and --solver {} exclude each other", other.name()),
+        (false, other) => other,
     };
+    if args.eta != 0.0 && !matches!(sampler, Sampler::Ddim { .. }) {
+        bail!(
+            "--eta {} is a DDIM setting; --solver {} has none",
+            args.eta,
+            sampler.name()
+        );
+    }
     let [h, w] = meta.image_size;
     let c = meta.model.in_channels;
     let total_steps = diffusion.num_timesteps();

@@ -13,6 +13,7 @@ mod noise;
 mod predict;
 mod respace;
 mod sampling;
+mod solvers;
 mod tables;
 
 pub use beta::BetaSchedule;

@@ -1,8 +1,11 @@
-//! Ancestral (DDPM) and DDIM sampling steps and loops, and the bits/dim loop.
+//! Ancestral (DDPM) and DDIM sampling steps and loops, the loop of the multistep ODE solvers,
+//! and the bits/dim loop.
 
-use crate::{GaussianDiffusion, NoiseSource, Result};
+use crate::solvers::{Multistep, OdeSolver};
+use crate::{GaussianDiffusion, NoiseSource, Result, ScheduleError};
 use candle_core::{Tensor, D};
 use ddpm_math::mean_flat;
+use std::str::FromStr;
 
 /// The result of one sampling step.
 #[derive(Debug, Clone)]
@@ -22,7 +25,7 @@ pub struct SampleStep<'a> {
     pub total: usize,
     /// The (respaced) timestep index just sampled from.
     pub t: usize,
-    /// The new sample x_{t-1}.
+    /// The new sample x_{t-1} (for UniPC, before the next evaluation corrects it).
     pub sample: &'a Tensor,
     /// The prediction of x_0 at this step.
     pub pred_xstart: &'a Tensor,
@@ -38,6 +41,49 @@ pub enum Sampler {
         /// Scale of the noise added at each step.
         eta: f64,
     },
+    /// DPM-Solver++(2M) (Lu et al. 2022), a deterministic second-order multistep ODE solver.
+    DpmSolverPp2m,
+    /// UniPC (Zhao et al. 2023), bh2, order 2: UniP-2 predictor and UniC corrector, deterministic.
+    UniPc,
+}
+
+impl FromStr for Sampler {
+    type Err = ScheduleError;
+    /// Parses a sampler name; "ddim" is DDIM with eta 0.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ddpm" => Ok(Self::Ddpm),
+            "ddim" => Ok(Self::Ddim { eta: 0.0 }),
+            "dpm++2m" => Ok(Self::DpmSolverPp2m),
+            "unipc" => Ok(Self::UniPc),
+            other => Err(ScheduleError::UnknownSetting {
+                what: "solver",
+                value: other.to_string(),
+                expected: "ddpm, ddim, dpm++2m, unipc",
+            }),
+        }
+    }
+}
+
+impl Sampler {
+    /// The name used in configs and on the command line (DDIM's eta is not part of it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim { .. } => "ddim",
+            Self::DpmSolverPp2m => "dpm++2m",
+            Self::UniPc => "unipc",
+        }
+    }
+
+    /// The multistep ODE solver this sampler runs, if it is one.
+    fn ode_solver(self) -> Option<OdeSolver> {
+        match self {
+            Self::Ddpm | Self::Ddim { .. } => None,
+            Self::DpmSolverPp2m => Some(OdeSolver::DpmSolverPp2m),
+            Self::UniPc => Some(OdeSolver::UniPc),
+        }
+    }
 }
 
 /// Terms of the full variational bound, from [`GaussianDiffusion::calc_bpd_loop`].
@@ -135,8 +181,9 @@ impl GaussianDiffusion {
 
     /// Runs the reverse process from `x_start_noise` (x_T) down to x_0.
     ///
-    /// `model(x_t, model_timesteps)` gives the model output; `noise` supplies each step's noise;
-    /// `on_step` sees every intermediate sample (for progress bars and recording the chain).
+    /// `model(x_t, model_timesteps)` gives the model output; `noise` supplies each step's noise
+    /// (the ODE solvers draw none); `on_step` sees every intermediate sample (for progress bars
+    /// and recording the chain). Every sampler calls the model once per timestep.
     pub fn sample_loop<F, C>(
         &self,
         mut model: F,
@@ -153,16 +200,31 @@ impl GaussianDiffusion {
         let mut img = x_start_noise;
         let batch = img.dims().first().copied().unwrap_or(0);
         let total = self.num_timesteps();
+        let mut ode = sampler.ode_solver().map(Multistep::new);
         for (k, i) in (0..total).rev().enumerate() {
             let t = vec![i; batch];
             let ts = self.model_timestep_tensor(&t, img.dtype(), img.device())?;
             let model_output = model(&img, &ts)?.detach();
-            let z = noise.noise(img.shape(), img.dtype(), img.device())?;
-            let out = match sampler {
-                Sampler::Ddpm => self.p_sample(&model_output, &img, &t, &z, clip_denoised)?,
-                Sampler::Ddim { eta } => {
+            let out = match (sampler, ode.as_mut()) {
+                (Sampler::Ddpm, _) => {
+                    let z = noise.noise(img.shape(), img.dtype(), img.device())?;
+                    self.p_sample(&model_output, &img, &t, &z, clip_denoised)?
+                }
+                (Sampler::Ddim { eta }, _) => {
+                    let z = noise.noise(img.shape(), img.dtype(), img.device())?;
                     self.ddim_sample(&model_output, &img, &t, &z, clip_denoised, eta)?
                 }
+                (_, Some(ode)) => {
+                    let pred_xstart = self
+                        .p_mean_variance(&model_output, &img, &t, clip_denoised)?
+                        .pred_xstart;
+                    let sample = ode.step(self.schedule(), &img, i, &pred_xstart)?;
+                    StepOutput {
+                        sample,
+                        pred_xstart,
+                    }
+                }
+                (_, None) => unreachable!("every ODE sampler has a solver"),
             };
             on_step(&SampleStep {
                 step: k + 1,
