@@ -135,7 +135,7 @@ impl Multistep {
     /// Takes the model's x_0 prediction at index `i` (made from `x_i`, the sample the model saw)
     /// and returns the sample at `i - 1`, or the clean sample when `i` is 0.
     ///
-    /// Calls must run i = N-1 down to 0, one index at a time.
+    /// Calls must run i = N-1 down to 0, one index at a time; the solver is spent after i = 0.
     pub(crate) fn step(
         &mut self,
         s: &Schedule,
@@ -144,9 +144,15 @@ impl Multistep {
         pred_xstart: &Tensor,
     ) -> Result<Tensor> {
         debug_assert!(self.history.last().is_none_or(|&(j, _)| j == i + 1));
-        // UniC refines x_i with the evaluation just made at it: no extra model call. The model
-        // has already seen the uncorrected x_i; that is the method, not an approximation here.
-        let x_s = match self.predicted.take() {
+        let predicted = self.predicted.take();
+        // The clean point has sigma = 0 (lambda = inf): the step there is first order and lands
+        // on the x_0 prediction itself, whatever x_i is, so a correction of x_i would be lost.
+        if i == 0 {
+            return Ok(pred_xstart.clone());
+        }
+        // UniC refines x_i with the evaluation just made at the uncorrected x_i, which is what
+        // saves it a model call; the next step then starts from the refined x_i.
+        let x_s = match predicted {
             Some(p) => self.correct(s, &p, i, pred_xstart)?,
             None => x_i.clone(),
         };
@@ -154,11 +160,6 @@ impl Multistep {
             self.history.remove(0);
         }
         self.history.push((i, pred_xstart.clone()));
-        // The clean point has sigma = 0 (lambda = inf): the step there is first order and lands
-        // on the x_0 prediction itself, whatever x_s is.
-        if i == 0 {
-            return Ok(pred_xstart.clone());
-        }
         let (order, sample) = match self.history.as_slice() {
             [(prev, x0_prev), (_, x0_s)] => {
                 let [c_x, c_s, c_p] = dpm_solver_pp_2m_coefs(s, *prev, i, i - 1);
