@@ -9,19 +9,10 @@ use ddpm_schedule::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-const S0: f64 = 0.25;
-const T: usize = 100;
+mod common;
+use common::*;
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+const T: usize = 100;
 
 fn diffusion(mean: ModelMeanType, var: ModelVarType, gamma: Option<f64>) -> GaussianDiffusion {
     GaussianDiffusion::new(&DiffusionConfig {
@@ -44,44 +35,6 @@ fn randn_f64(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-/// Per-example coefficients as [B, 1, 1, 1].
-fn per_example(v: Vec<f64>) -> Tensor {
-    let n = v.len();
-    Tensor::from_vec(v, (n, 1, 1, 1), &Device::Cpu).unwrap()
-}
-
-/// The exact model of `d`'s own parameterisation, for an unspaced schedule of T steps.
-fn exact_model(
-    d: &GaussianDiffusion,
-) -> impl FnMut(&Tensor, &Tensor) -> candle_core::Result<Tensor> + '_ {
-    move |x_t, ts| {
-        let s = d.schedule();
-        let ts: Vec<f64> = ts.to_vec1()?;
-        let coef: Vec<f64> = ts
-            .iter()
-            .map(|&m| {
-                let i = (m * T as f64 / 1000.0).round() as usize;
-                let ab = s.alphas_cumprod[i];
-                let vt = ab * S0 * S0 + 1.0 - ab;
-                let eps = (1.0 - ab).sqrt() / vt;
-                let x0 = ab.sqrt() * S0 * S0 / vt;
-                match d.model_mean_type {
-                    ModelMeanType::Epsilon => eps,
-                    ModelMeanType::StartX => x0,
-                    ModelMeanType::V => ab.sqrt() * eps - (1.0 - ab).sqrt() * x0,
-                }
-            })
-            .collect();
-        let out = x_t.broadcast_mul(&per_example(coef))?;
-        if d.model_var_type.is_learned() {
-            // Any fixed log variance: the point is that the channels are split off the same way.
-            Tensor::cat(&[&out, &(x_t.zeros_like()? - 4.0)?], 1)
-        } else {
-            Ok(out)
-        }
-    }
 }
 
 #[test]

@@ -11,18 +11,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
 
-const S0: f64 = 0.25;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+mod common;
+use common::*;
 
 fn diffusion(
     steps: usize,
@@ -40,52 +30,6 @@ fn diffusion(
         snr_gamma: None,
     })
     .unwrap()
-}
-
-/// The exact model for Gaussian data: eps, plus the true reverse log variance when learned.
-fn exact_model(
-    d: &GaussianDiffusion,
-) -> impl FnMut(&Tensor, &Tensor) -> candle_core::Result<Tensor> + '_ {
-    move |x_t, ts| {
-        let s = d.schedule();
-        let ts: Vec<f64> = ts.to_dtype(DType::F64)?.to_vec1()?;
-        // The model sees original timesteps; map them back to respaced indices.
-        let idx: Vec<usize> = ts
-            .iter()
-            .map(|&m| {
-                d.spaced()
-                    .timestep_map
-                    .iter()
-                    .position(|&o| {
-                        (o as f64 * 1000.0 / d.spaced().original_num_steps as f64 - m).abs() < 1e-6
-                    })
-                    .unwrap()
-            })
-            .collect();
-        let v = |ab: f64| ab * S0 * S0 + 1.0 - ab;
-        let b = x_t.dims()[0];
-        let eps_coef: Vec<f64> = idx
-            .iter()
-            .map(|&i| (1.0 - s.alphas_cumprod[i]).sqrt() / v(s.alphas_cumprod[i]))
-            .collect();
-        let eps = x_t.broadcast_mul(
-            &Tensor::from_vec(eps_coef, (b, 1, 1, 1), x_t.device())?.to_dtype(x_t.dtype())?,
-        )?;
-        if !d.model_var_type.is_learned() {
-            return Ok(eps);
-        }
-        let log_var: Vec<f64> = idx
-            .iter()
-            .map(|&i| {
-                let (vt, vp) = (v(s.alphas_cumprod[i]), v(s.alphas_cumprod_prev[i]));
-                (vp - (1.0 - s.betas[i]) * vp * vp / vt).ln()
-            })
-            .collect();
-        let lv = Tensor::from_vec(log_var, (b, 1, 1, 1), x_t.device())?
-            .to_dtype(x_t.dtype())?
-            .broadcast_as(x_t.shape())?;
-        Tensor::cat(&[&eps, &lv], 1)
-    }
 }
 
 /// 8-bit data drawn from N(0, S0²), rescaled to [-1, 1].
