@@ -53,6 +53,21 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         epochs: usize,
     },
+    /// Score clean real digits (several draws) and deliberately degraded ones with the
+    /// evaluator: each degradation must score clearly worse than the floor.
+    CheckEvaluator {
+        #[command(flatten)]
+        download: mnist::DownloadArgs,
+        /// Images per draw.
+        #[arg(long, default_value_t = 1000)]
+        num: usize,
+        /// Disjoint draws of clean images.
+        #[arg(long, default_value_t = 5)]
+        draws: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure training and sampling throughput (side by side with the original when
     /// REF_PYTHON and REF_SRC are set).
     Bench {
@@ -136,6 +151,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::TrainClassifier { download, epochs } => {
             mnist::download(&download)?;
             mnist::train_classifier(&download.dir, epochs)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckEvaluator {
+            download,
+            num,
+            draws,
+            json,
+        } => {
+            mnist::download(&download)?;
+            let (train, test) = (
+                ddpm_train::ImageDataset::load(&download.dir, ddpm_train::Split::Train)?,
+                ddpm_train::ImageDataset::load(&download.dir, ddpm_train::Split::Test)?,
+            );
+            let clf = ddpm_train::eval::Classifier::pretrained(&candle_core::Device::Cpu)?;
+            let check = ddpm_train::degrade::check_evaluator(&clf, &train, &test, num, draws, 0)?;
+            if json {
+                println!("{}", serde_json::to_string(&check)?);
+            } else {
+                print!("{}", check.table());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Golden { bless, retrain } => {

@@ -4,9 +4,18 @@ use crate::sample::{generate, SampleArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use ddpm_train::eval::{class_histogram, frechet_distance, inception_score, Classifier};
+use ddpm_train::eval::{Classifier, Scores};
 use ddpm_train::{ImageDataset, Split};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
+
+/// The respacing `eval` samples with when neither --respacing nor --steps is given.
+pub const DEFAULT_RESPACING: &str = "100";
+
+/// The sampling method `eval` uses unless --solver says otherwise.
+pub const DEFAULT_SOLVER: &str = "ddpm";
 
 /// Options of `ddpm-cli eval`.
 #[derive(Debug, Clone, Args)]
@@ -17,20 +26,23 @@ pub struct EvalArgs {
     /// EMA rate whose weights to use ("model" for the raw weights; default: the first EMA).
     #[arg(long)]
     pub ema: Option<String>,
-    /// Number of samples (and of real training images for the floor).
-    #[arg(long, default_value_t = 10_000)]
+    /// Number of samples (and of real training images, a seeded random draw, for the floor).
+    #[arg(long, default_value_t = 1000)]
     pub num: usize,
     /// Samples per batch.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
-    /// Respacing used to sample ("" = all steps).
-    #[arg(long, default_value = "100")]
-    pub respacing: String,
+    /// Respacing used to sample ("" = all steps, "logsnr20", "ddim50", ...; default 100).
+    #[arg(long)]
+    pub respacing: Option<String>,
+    /// Model evaluations per sample (instead of --respacing): N evenly spaced steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Sample with DDIM.
     #[arg(long)]
     pub ddim: bool,
     /// Sampling method: ddpm, ddim, dpm++2m or unipc.
-    #[arg(long, default_value = "ddpm")]
+    #[arg(long, default_value = DEFAULT_SOLVER)]
     pub solver: String,
     /// DDIM eta.
     #[arg(long, default_value_t = 0.0)]
@@ -47,6 +59,9 @@ pub struct EvalArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Print nothing (callers that use the returned report).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 /// Runs `eval` and returns the report.
@@ -76,10 +91,17 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         ema: args.ema.clone(),
         num: args.num,
         batch_size: args.batch_size,
-        respacing: args.respacing.clone(),
+        respacing: match (&args.respacing, args.steps) {
+            (Some(r), Some(n)) => {
+                bail!("--steps {n} and --respacing {r:?} both set the steps: give one")
+            }
+            (Some(r), None) => r.clone(),
+            (None, Some(_)) => String::new(),
+            (None, None) => DEFAULT_RESPACING.to_string(),
+        },
         ddim: args.ddim,
         solver: args.solver.clone(),
-        steps: None,
+        steps: args.steps,
         eta: args.eta,
         clip_denoised: true,
         seed: args.seed,
@@ -96,72 +118,82 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     let samples = generate(&sample_args)?;
     let device = Device::Cpu;
     let clf = Classifier::pretrained(&device)?;
-    let (f_gen, p_gen) = clf.describe(&samples.images, 500)?;
     let all_test: Vec<usize> = (0..test.len).collect();
     let (x_test, _) = test.batch(&all_test, &device)?;
     let (f_test, _) = clf.describe(&x_test, 500)?;
-    let real: Vec<usize> = (0..args.num.min(train.len)).collect();
-    if real.len() < args.num {
+    let gen = Scores::of_images(&clf, &samples.images, &f_test)?;
+    if args.num > train.len {
         tracing::warn!(
             "the real-data floor uses all {} training images, fewer than the {} samples",
-            real.len(),
+            train.len,
             args.num
         );
     }
-    let (x_real, _) = train.batch(&real, &device)?;
-    let (f_real, p_real) = clf.describe(&x_real, 500)?;
+    // A seeded random draw: the first N training images are not a fair sample of the set.
+    let mut order: Vec<usize> = (0..train.len).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(args.seed));
+    order.truncate(args.num.min(train.len));
+    let (x_real, _) = train.batch(&order, &device)?;
+    let real = Scores::of_images(&clf, &x_real, &f_test)?;
+    let spacing = match args.steps {
+        Some(n) => n.to_string(),
+        None => sample_args.respacing.clone(),
+    };
     let report = serde_json::json!({
         "checkpoint": args.checkpoint.display().to_string(),
         "num": args.num,
         "test_images": test.len,
-        "respacing": args.respacing,
+        "respacing": spacing,
         "solver": if args.ddim { "ddim" } else { args.solver.as_str() },
-        "samples": {
-            "frechet_distance": frechet_distance(&f_gen, &f_test),
-            "inception_score": inception_score(&p_gen),
-            "class_histogram": class_histogram(&p_gen),
-        },
-        "real_train_images": {
-            "num": real.len(),
-            "frechet_distance": frechet_distance(&f_real, &f_test),
-            "inception_score": inception_score(&p_real),
-            "class_histogram": class_histogram(&p_real),
-        },
+        "samples": gen,
+        "real_train_images": real,
     });
-    if args.json {
+    if args.quiet {
+    } else if args.json {
         println!("{report}");
     } else {
         println!(
             "{} samples ({} steps) scored by the MNIST classifier against the {} test images",
             args.num,
-            if args.respacing.is_empty() {
+            if spacing.is_empty() {
                 "all".to_string()
             } else {
-                args.respacing.clone()
+                spacing.clone()
             },
             test.len
         );
         println!(
             "{:<26} {:>12} {:>12}",
             "",
-            format!("{} samples", args.num),
-            format!("{} real", real.len())
+            format!("{} samples", gen.num),
+            format!("{} real", real.num)
         );
-        let (s, r) = (&report["samples"], &report["real_train_images"]);
+        let rows = [
+            (
+                "Fréchet distance (lower)",
+                gen.frechet_distance,
+                real.frechet_distance,
+            ),
+            (
+                "Inception Score (max 10)",
+                gen.inception_score,
+                real.inception_score,
+            ),
+            (
+                "confident (p > 0.9)",
+                gen.confident_fraction,
+                real.confident_fraction,
+            ),
+        ];
+        for (name, g, r) in rows {
+            println!("{name:<26} {g:>12.3} {r:>12.3}");
+        }
         println!(
-            "{:<26} {:>12.3} {:>12.3}",
-            "Fréchet distance (lower)",
-            s["frechet_distance"].as_f64().unwrap_or(f64::NAN),
-            r["frechet_distance"].as_f64().unwrap_or(f64::NAN)
+            "FD / floor: {:.2}",
+            gen.frechet_distance / real.frechet_distance
         );
-        println!(
-            "{:<26} {:>12.3} {:>12.3}",
-            "Inception Score (max 10)",
-            s["inception_score"].as_f64().unwrap_or(f64::NAN),
-            r["inception_score"].as_f64().unwrap_or(f64::NAN)
-        );
-        println!("class histogram, samples:    {}", s["class_histogram"]);
-        println!("class histogram, real train: {}", r["class_histogram"]);
+        println!("class histogram, samples:    {:?}", gen.class_histogram);
+        println!("class histogram, real train: {:?}", real.class_histogram);
     }
     Ok(report)
 }

@@ -2,6 +2,7 @@
 
 pub mod eval;
 pub mod nll;
+pub mod plot;
 pub mod sample;
 pub mod train;
 

@@ -32,6 +32,11 @@ enum Command {
     /// Sample quality on MNIST: Fréchet distance and Inception Score from a digit classifier.
     #[command(allow_negative_numbers = true)]
     Eval(ddpm_cli::eval::EvalArgs),
+    /// Draw a run's loss plot (loss.png) and, once scored, its quality curve (quality.png).
+    Plot(ddpm_cli::plot::PlotArgs),
+    /// Score every checkpoint of a run (FD at n = 1000, bits/dim on a test subset) and draw
+    /// FD against minutes of training (quality.png, quality.json).
+    QualityCurve(ddpm_cli::plot::QualityArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +80,18 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(args) => {
             ddpm_cli::eval::run(&args)?;
+            Ok(())
+        }
+        Command::Plot(args) => {
+            for p in ddpm_cli::plot::plot(&args)? {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Command::QualityCurve(args) => {
+            let points = ddpm_cli::plot::quality_curve(&args)?;
+            print!("{}", ddpm_cli::plot::table(&points));
+            println!("wrote {}", args.run.join("quality.png").display());
             Ok(())
         }
     }

@@ -26,9 +26,9 @@ pub struct NllArgs {
     /// train or test.
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Number of images (the first N of the split).
-    #[arg(long, default_value_t = 256)]
-    pub num: usize,
+    /// Number of images (the first N of the split; default: all of it).
+    #[arg(long)]
+    pub num: Option<usize>,
     /// Images per batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -50,11 +50,14 @@ pub struct NllArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Print nothing (callers that use the returned report).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 /// Runs `nll` and returns the report as JSON.
 pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
-    if args.num == 0 || args.batch_size == 0 {
+    if args.num == Some(0) || args.batch_size == 0 {
         bail!("--num and --batch-size must be positive");
     }
     let device = parse_device(&args.device)?;
@@ -79,7 +82,7 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
             loaded.meta.image_size
         );
     }
-    let n = args.num.min(data.len);
+    let n = args.num.map_or(data.len, |k| k.min(data.len));
     let diffusion = loaded
         .meta
         .diffusion
@@ -91,7 +94,14 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
     let bar = if args.no_progress {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new((n.div_ceil(args.batch_size) * t_total) as u64)
+        let b = indicatif::ProgressBar::new((n.div_ceil(args.batch_size) * t_total) as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} model calls ({msg}), ETA {eta}",
+        ) {
+            b.set_style(style);
+        }
+        b.set_message(format!("{n} images x {t_total} timesteps"));
+        b
     };
     let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(args.seed));
     let (mut totals, mut priors) = (Vec::new(), Vec::new());
@@ -151,7 +161,8 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         "prior_bpd": priors.iter().sum::<f64>() / m,
         "vb_by_quarter": quarters,
     });
-    if args.json {
+    if args.quiet {
+    } else if args.json {
         println!("{report}");
     } else {
         println!(

@@ -22,7 +22,7 @@ pub use diffusion::{
     ModelVarType, PMeanVariance, PosteriorMeanVariance,
 };
 pub use noise::{randn, FixedNoise, NoiseSource, RngNoise};
-pub use respace::{space_timesteps, SpacedSchedule};
+pub use respace::{logsnr_timesteps, space_timesteps, SpacedSchedule, LOGSNR_NOISE_FLOOR};
 pub use sampling::{BpdTerms, SampleStep, Sampler, StepOutput};
 pub use tables::Schedule;
 

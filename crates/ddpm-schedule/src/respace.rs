@@ -10,6 +10,9 @@ use std::collections::BTreeSet;
 /// three near-equal sections and takes 10, 15 and 20 evenly spread steps from them (a section may
 /// ask for 0). An empty spec keeps every step. Steps are rounded half to even from an accumulated
 /// float stride, exactly as the original does.
+///
+/// `"logsnrN"` depends on the schedule, not only on its length: use [`Schedule::respace_spec`]
+/// (or [`logsnr_timesteps`]); here it is refused with that advice.
 pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     let fail = |reason: String| ScheduleError::Respacing {
         spec: spec.to_string(),
@@ -19,6 +22,12 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     let spec_t = spec.trim();
     if spec_t.is_empty() {
         return Ok((0..num_timesteps).collect());
+    }
+    if spec_t.starts_with("logsnr") {
+        return Err(fail(
+            "log-SNR spacing needs the schedule's alphas_cumprod: use Schedule::respace_spec"
+                .into(),
+        ));
     }
     if let Some(count) = spec_t.strip_prefix("ddim") {
         let desired: usize = count
@@ -70,6 +79,71 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     Ok(steps.into_iter().collect())
 }
 
+/// `count` timesteps evenly spaced in log-SNR, ln(ᾱ/(1 − ᾱ)), from the noisiest step to step 0.
+///
+/// Multistep ODE solvers take their steps in log-SNR, and a uniform grid in t leaves them one
+/// long last interval next to the data (on the cosine schedule, t 0..50 spans a third of the
+/// log-SNR range). The noisy end is not spread out the same way: below a log-SNR of −5 the
+/// image is all noise to a model, so the grid runs evenly from that level (or from the noisiest
+/// step if it is less noisy) to step 0, and the noisiest step is always kept as the start.
+/// Targets are rounded to the nearest timestep and pushed apart where two would coincide.
+pub fn logsnr_timesteps(alphas_cumprod: &[f64], count: usize) -> Result<Vec<usize>> {
+    let n = alphas_cumprod.len();
+    let fail = |reason: String| ScheduleError::Respacing {
+        spec: format!("logsnr{count}"),
+        num_timesteps: n,
+        reason,
+    };
+    if count == 0 {
+        return Err(fail("it keeps no timestep".into()));
+    }
+    if count > n {
+        return Err(fail(format!("cannot take {count} of {n} steps")));
+    }
+    let lambda: Vec<f64> = alphas_cumprod
+        .iter()
+        .map(|&a| a.ln() - (1.0 - a).ln())
+        .collect();
+    if lambda.iter().any(|l| !l.is_finite()) || lambda.windows(2).any(|w| w[1] >= w[0]) {
+        return Err(fail(
+            "log-SNR must be finite and fall strictly with t (alphas_cumprod strictly decreasing in (0, 1))"
+                .into(),
+        ));
+    }
+    if count == 1 {
+        return Ok(vec![n - 1]);
+    }
+    // The nearest timestep to a target, searched on the falling log-SNR curve.
+    let nearest = |target: f64| -> usize {
+        let i = lambda.partition_point(|&l| l > target);
+        if i == 0 {
+            0
+        } else if i >= n {
+            n - 1
+        } else if (lambda[i - 1] - target).abs() <= (lambda[i] - target).abs() {
+            i - 1
+        } else {
+            i
+        }
+    };
+    let hi = lambda[0];
+    let lo = lambda[n - 1].max(LOGSNR_NOISE_FLOOR);
+    let mut steps = vec![n - 1];
+    let inner = count - 1;
+    for k in 1..count {
+        let target = lo + (hi - lo) * k as f64 / inner as f64;
+        let prev = steps[k - 1];
+        // Strictly below the previous step, and leaving one timestep for each later step.
+        let t = nearest(target).min(prev - 1).max(count - 1 - k);
+        steps.push(t);
+    }
+    steps.reverse();
+    Ok(steps)
+}
+
+/// The log-SNR below which [`logsnr_timesteps`] puts no step but the first.
+pub const LOGSNR_NOISE_FLOOR: f64 = -5.0;
+
 /// A schedule restricted to kept timesteps, with the map back to the original steps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpacedSchedule {
@@ -119,8 +193,17 @@ impl Schedule {
         })
     }
 
-    /// Respaces by a specification understood by [`space_timesteps`].
+    /// Respaces by a specification understood by [`space_timesteps`], or `"logsnrN"` for
+    /// [`logsnr_timesteps`].
     pub fn respace_spec(&self, spec: &str) -> Result<SpacedSchedule> {
+        if let Some(count) = spec.trim().strip_prefix("logsnr") {
+            let count: usize = count.parse().map_err(|_| ScheduleError::Respacing {
+                spec: spec.to_string(),
+                num_timesteps: self.num_timesteps(),
+                reason: format!("{count:?} after \"logsnr\" is not a step count"),
+            })?;
+            return self.respace(&logsnr_timesteps(&self.alphas_cumprod, count)?);
+        }
         self.respace(&space_timesteps(self.num_timesteps(), spec)?)
     }
 
@@ -208,5 +291,65 @@ mod tests {
             Err(ScheduleError::TimestepOutOfRange { timestep: 100, .. })
         ));
         assert_eq!(s.unspaced().timestep_map.len(), 100);
+    }
+
+    fn logsnr(s: &Schedule, t: usize) -> f64 {
+        let a = s.alphas_cumprod[t];
+        a.ln() - (1.0 - a).ln()
+    }
+
+    #[test]
+    fn logsnr_spacing_is_even_in_log_snr_from_the_noise_floor() {
+        let s = Schedule::named(BetaSchedule::Cosine, 1000).unwrap();
+        for count in [5, 10, 20] {
+            let steps = s
+                .respace_spec(&format!("logsnr{count}"))
+                .unwrap()
+                .timestep_map;
+            assert_eq!(steps.len(), count);
+            assert_eq!((steps[0], steps[count - 1]), (0, 999));
+            assert!(steps.windows(2).all(|w| w[0] < w[1]));
+            // Below the noisiest step, each step is the timestep nearest (by brute force) to
+            // its target: count − 1 levels evenly spaced above the noise floor up to step 0.
+            let top = logsnr(&s, 0);
+            let h = (top - LOGSNR_NOISE_FLOOR) / (count - 1) as f64;
+            for (i, &t) in steps[..count - 1].iter().enumerate() {
+                let target = top - h * i as f64;
+                let best = (0..1000)
+                    .min_by(|&a, &b| {
+                        let da = (logsnr(&s, a) - target).abs();
+                        da.total_cmp(&(logsnr(&s, b) - target).abs())
+                    })
+                    .unwrap();
+                assert_eq!(t, best, "count {count}, step {i}: target {target}");
+            }
+        }
+        // The uniform grid's last interval is much longer in log-SNR than this one's.
+        let uniform = s.respace_spec("20").unwrap().timestep_map;
+        let even = s.respace_spec("logsnr20").unwrap().timestep_map;
+        let first_gap = |v: &[usize]| logsnr(&s, v[0]) - logsnr(&s, v[1]);
+        assert!(first_gap(&uniform) > 2.0 * first_gap(&even));
+    }
+
+    #[test]
+    fn logsnr_spacing_crowded_and_bad() {
+        // As many steps as the process has: every step, pushed apart where targets coincide.
+        let s = Schedule::named(BetaSchedule::Linear, 30).unwrap();
+        assert_eq!(
+            s.respace_spec("logsnr30").unwrap().timestep_map,
+            (0..30).collect::<Vec<_>>()
+        );
+        assert_eq!(s.respace_spec("logsnr1").unwrap().timestep_map, vec![29]);
+        for (spec, why) in [
+            ("logsnr0", "no timestep"),
+            ("logsnr31", "cannot take 31 of 30"),
+            ("logsnrx", "\"x\""),
+        ] {
+            let e = s.respace_spec(spec).unwrap_err().to_string();
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+        let e = space_timesteps(30, "logsnr10").unwrap_err().to_string();
+        assert!(e.contains("respace_spec"), "{e}");
+        assert!(logsnr_timesteps(&[0.9, 0.95], 2).is_err());
     }
 }

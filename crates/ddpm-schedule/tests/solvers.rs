@@ -423,3 +423,27 @@ fn sampler_names_parse_and_bad_names_are_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn on_the_log_snr_grid_the_solvers_beat_ddim_at_every_step_count() {
+    // Measured |std - S0| at 10 / 20 / 50 steps of the log-SNR grid:
+    //   DDIM             4.50e-2 2.25e-2 9.09e-3   (uniform grid: 1.12e-1 6.01e-2 2.49e-2)
+    //   DPM-Solver++(2M) 6.02e-3 1.69e-3 4.83e-5   (uniform grid: 3.45e-2 7.22e-2 3.19e-2)
+    //   UniPC            7.42e-3 8.11e-4 1.15e-4
+    let grids = ["logsnr10", "logsnr20", "logsnr50"];
+    let [ddim, dpm, unipc] = SOLVERS.map(|s| std_errors(s, &grids));
+    let uniform_ddim = std_errors(Sampler::Ddim { eta: 0.0 }, &["10", "20", "50"]);
+    let uniform_dpm = std_errors(Sampler::DpmSolverPp2m, &["10", "20", "50"]);
+    let what = format!("ddim {ddim:?} dpm {dpm:?} unipc {unipc:?} uniform {uniform_dpm:?}");
+    for i in 0..3 {
+        assert!(dpm[i] < ddim[i] / 5.0 && unipc[i] < ddim[i] / 5.0, "{what}");
+        assert!(dpm[i] < uniform_dpm[i] / 5.0, "{what}");
+        assert!(ddim[i] < uniform_ddim[i], "{what}");
+        if i > 0 {
+            assert!(
+                dpm[i] < dpm[i - 1] / 2.0 && unipc[i] < unipc[i - 1] / 2.0,
+                "{what}"
+            );
+        }
+    }
+}

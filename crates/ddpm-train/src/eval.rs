@@ -374,6 +374,53 @@ pub fn inception_score(probs: &[Vec<f64>]) -> f64 {
     kl.exp()
 }
 
+/// Fraction of images whose largest class probability exceeds `threshold` (0.9 in reports):
+/// a clean digit is classified with confidence, a blob or a scrawl usually is not.
+pub fn confident_fraction(probs: &[Vec<f64>], threshold: f64) -> f64 {
+    if probs.is_empty() {
+        return f64::NAN;
+    }
+    let n = probs
+        .iter()
+        .filter(|p| p.iter().copied().fold(f64::MIN, f64::max) > threshold)
+        .count();
+    n as f64 / probs.len() as f64
+}
+
+/// What `eval` reports for one set of images, against the test set's features.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Scores {
+    /// Number of images scored.
+    pub num: usize,
+    /// Fréchet distance to the reference features (lower is better).
+    pub frechet_distance: f64,
+    /// Classifier-based Inception Score (at most 10).
+    pub inception_score: f64,
+    /// Fraction classified with confidence above 0.9.
+    pub confident_fraction: f64,
+    /// Images per predicted class.
+    pub class_histogram: Vec<usize>,
+}
+
+impl Scores {
+    /// Scores the images [N, 1, 28, 28] in [-1, 1] against `reference` features.
+    pub fn of_images(clf: &Classifier, x: &Tensor, reference: &[Vec<f64>]) -> Result<Self> {
+        let (f, p) = clf.describe(x, 500)?;
+        Ok(Self::of_rows(&f, &p, reference))
+    }
+
+    /// Scores already computed features and probabilities.
+    pub fn of_rows(feats: &[Vec<f64>], probs: &[Vec<f64>], reference: &[Vec<f64>]) -> Self {
+        Self {
+            num: feats.len(),
+            frechet_distance: frechet_distance(feats, reference),
+            inception_score: inception_score(probs),
+            confident_fraction: confident_fraction(probs, 0.9),
+            class_histogram: class_histogram(probs),
+        }
+    }
+}
+
 /// How many images the classifier puts in each class.
 pub fn class_histogram(probs: &[Vec<f64>]) -> Vec<usize> {
     let mut h = vec![0; probs.first().map_or(0, |p| p.len())];
@@ -427,6 +474,18 @@ mod tests {
         // 9 + 2·4/3 + 2·16/3 − 2·2·sqrt(4/3 · 16/3) = 9 + 40/3 − 4·8/3 = 9 + 8/3.
         let fd = frechet_distance(&a, &pts(3.0, 2.0));
         assert!((fd - (9.0 + 8.0 / 3.0)).abs() < 1e-9, "{fd}");
+    }
+
+    #[test]
+    fn confident_fraction_counts_above_the_threshold() {
+        let p = vec![
+            vec![0.95, 0.05],
+            vec![0.5, 0.5],
+            vec![0.1, 0.9],
+            vec![0.0, 1.0],
+        ];
+        assert_eq!(confident_fraction(&p, 0.9), 0.5);
+        assert!(confident_fraction(&[], 0.9).is_nan());
     }
 
     #[test]

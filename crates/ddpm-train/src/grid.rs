@@ -54,7 +54,11 @@ pub fn make_grid(x: &Tensor) -> Result<GrayImage> {
 
 /// Saves a batch as a PNG grid, atomically.
 pub fn save_grid_png(x: &Tensor, path: &Path) -> Result<()> {
-    let img = make_grid(x)?;
+    save_png_atomically(&image::DynamicImage::ImageLuma8(make_grid(x)?), path)
+}
+
+/// Writes a PNG beside `path` and renames it into place, so a reader never sees half a file.
+pub fn save_png_atomically(img: &image::DynamicImage, path: &Path) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png)
         .map_err(|e| TrainError::Io {

@@ -34,11 +34,13 @@ pub fn tune_threads() {
 }
 
 pub mod data;
+pub mod degrade;
 pub mod download;
 pub mod ema;
 pub mod eval;
 pub mod grid;
 pub mod optim;
+pub mod plot;
 pub mod run_folder;
 pub mod sampler;
 pub mod settings;

@@ -510,6 +510,16 @@ impl Trainer {
 
     /// Saves a checkpoint once the rows logged before it are on disk, so that a checkpoint that
     /// survives a power cut never has fewer rows before it than were logged.
+    /// Redraws `loss.png` from `metrics.jsonl`; a run never stops over a picture.
+    fn draw_loss_plot(&self) {
+        let metrics = self.run_dir.join(crate::run_folder::METRICS_FILE);
+        let drawn = crate::plot::read_metrics(&metrics)
+            .and_then(|rows| crate::plot::loss_plot(&rows, &self.run_dir.join("loss.png")));
+        if let Err(e) = drawn {
+            tracing::warn!("loss.png not drawn: {e}");
+        }
+    }
+
     fn save_after(&self, metrics: &crate::run_folder::MetricsLog) -> Result<PathBuf> {
         metrics.sync()?;
         self.save()
@@ -601,7 +611,11 @@ impl Trainer {
             }
             if self.cfg.sample_interval > 0 && self.step.is_multiple_of(self.cfg.sample_interval) {
                 self.sample_grid(&self.run_dir.join(format!("samples-{:07}.png", self.step)))?;
+                self.draw_loss_plot();
             }
+        }
+        if self.cfg.sample_interval > 0 {
+            self.draw_loss_plot();
         }
         let dir = match (last_saved, self.unchanged_checkpoint()) {
             (Some(d), _) if d.ends_with(checkpoint::checkpoint_name(self.step)) => d,

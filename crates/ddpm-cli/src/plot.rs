@@ -1,0 +1,188 @@
+//! `ddpm-cli plot` and `ddpm-cli quality-curve`: pictures of a run folder.
+
+use crate::eval::EvalArgs;
+use crate::nll::NllArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ddpm_train::plot::{loss_plot, minutes_at_rows, quality_plot, read_metrics, QualityPoint};
+use std::path::{Path, PathBuf};
+
+/// Options of `ddpm-cli plot`.
+#[derive(Debug, Clone, Args)]
+pub struct PlotArgs {
+    /// Run folder (with metrics.jsonl; quality.json too, if `quality-curve` has scored it).
+    pub run: PathBuf,
+    /// Where to write the loss plot (default RUN/loss.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Draws RUN/loss.png, and RUN/quality.png when RUN/quality.json exists; returns the paths.
+pub fn plot(args: &PlotArgs) -> Result<Vec<PathBuf>> {
+    let metrics = args.run.join("metrics.jsonl");
+    if !metrics.is_file() {
+        bail!(
+            "{} is not a run folder: it has no metrics.jsonl",
+            args.run.display()
+        );
+    }
+    let rows = read_metrics(&metrics)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.run.join("loss.png"));
+    loss_plot(&rows, &out)?;
+    let mut written = vec![out];
+    let quality = args.run.join("quality.json");
+    if quality.is_file() {
+        let points: Vec<QualityPoint> = serde_json::from_slice(
+            &std::fs::read(&quality).with_context(|| format!("{}", quality.display()))?,
+        )
+        .with_context(|| format!("{} is not a quality curve", quality.display()))?;
+        let png = args.run.join("quality.png");
+        quality_plot(&points, &curve_title(&args.run), &png)?;
+        written.push(png);
+    }
+    Ok(written)
+}
+
+fn curve_title(run: &Path) -> String {
+    format!(
+        "sample quality of {} (n = 1000, classifier features)",
+        run.file_name()
+            .map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into())
+    )
+}
+
+/// Options of `ddpm-cli quality-curve`.
+#[derive(Debug, Clone, Args)]
+pub struct QualityArgs {
+    /// Run folder whose checkpoints to score.
+    pub run: PathBuf,
+    /// Samples per checkpoint (and real images for the floor).
+    #[arg(long, default_value_t = 1000)]
+    pub num: usize,
+    /// Test images for bits/dim (0 = skip it).
+    #[arg(long, default_value_t = 100)]
+    pub nll_num: usize,
+    /// Respacing of the bound for bits/dim (a respaced bound is looser than the full one).
+    #[arg(long, default_value = "100")]
+    pub nll_respacing: String,
+    /// Sampling method (as `eval --solver`).
+    #[arg(long, default_value = crate::eval::DEFAULT_SOLVER)]
+    pub solver: String,
+    /// Respacing used to sample (as `eval --respacing`).
+    #[arg(long, default_value = crate::eval::DEFAULT_RESPACING)]
+    pub respacing: String,
+    /// Folder with the MNIST IDX files.
+    #[arg(long, default_value = "data/mnist")]
+    pub data: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Scores every checkpoint of RUN, writes RUN/quality.json and draws RUN/quality.png.
+pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
+    let rows = read_metrics(&args.run.join("metrics.jsonl"))
+        .with_context(|| format!("{} is not a run folder", args.run.display()))?;
+    let mut checkpoints: Vec<(u64, PathBuf)> = std::fs::read_dir(&args.run)
+        .with_context(|| format!("cannot list {}", args.run.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    checkpoints.sort();
+    if checkpoints.is_empty() {
+        bail!("{} holds no checkpoint-NNNNNNN folders", args.run.display());
+    }
+    let first = &checkpoints[0].1;
+    let meta = ddpm_train::CheckpointMeta::read(first)?;
+    let minutes = minutes_at_rows(&rows, meta.train.batch_size);
+    let mut points = Vec::new();
+    for (step, dir) in &checkpoints {
+        let at = minutes
+            .iter()
+            .filter(|(s, _)| s <= step)
+            .next_back()
+            .map_or(0.0, |m| m.1);
+        tracing::info!("scoring {} ({at:.1} min)", dir.display());
+        let report = crate::eval::run(&EvalArgs {
+            checkpoint: dir.clone(),
+            ema: None,
+            num: args.num,
+            batch_size: 100,
+            respacing: Some(args.respacing.clone()),
+            steps: None,
+            ddim: false,
+            solver: args.solver.clone(),
+            eta: 0.0,
+            seed: args.seed,
+            data: args.data.clone(),
+            json: false,
+            no_progress: true,
+            quiet: true,
+        })?;
+        let bits_per_dim = if args.nll_num > 0 {
+            let r = crate::nll::run(&NllArgs {
+                checkpoint: dir.clone(),
+                ema: None,
+                data: args.data.clone(),
+                split: "test".into(),
+                num: Some(args.nll_num),
+                batch_size: 100,
+                respacing: args.nll_respacing.clone(),
+                clip_denoised: true,
+                seed: args.seed,
+                json: false,
+                device: "cpu".into(),
+                no_progress: true,
+                quiet: true,
+            })?;
+            r["bpd"].as_f64()
+        } else {
+            None
+        };
+        let f = |k: &str, v: &str| report[k][v].as_f64().unwrap_or(f64::NAN);
+        points.push(QualityPoint {
+            step: *step,
+            minutes: at,
+            frechet_distance: f("samples", "frechet_distance"),
+            floor: f("real_train_images", "frechet_distance"),
+            confident_fraction: f("samples", "confident_fraction"),
+            bits_per_dim,
+        });
+    }
+    let json = args.run.join("quality.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&points)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    quality_plot(
+        &points,
+        &curve_title(&args.run),
+        &args.run.join("quality.png"),
+    )?;
+    Ok(points)
+}
+
+/// The curve as a table.
+pub fn table(points: &[QualityPoint]) -> String {
+    let mut s = format!(
+        "{:>8} {:>8} {:>10} {:>8} {:>10} {:>9}\n",
+        "step", "minutes", "FD", "floor", "confident", "bits/dim"
+    );
+    for p in points {
+        s += &format!(
+            "{:>8} {:>8.1} {:>10.2} {:>8.2} {:>9.1}% {:>9}\n",
+            p.step,
+            p.minutes,
+            p.frechet_distance,
+            p.floor,
+            100.0 * p.confident_fraction,
+            p.bits_per_dim.map_or("-".into(), |b| format!("{b:.3}"))
+        );
+    }
+    s
+}
