@@ -411,3 +411,74 @@ fn solvers_and_the_newer_training_flags() {
     bad_train(&["--predict-v", "--predict-xstart"], "exclude each other");
     bad_train(&["--ema-warmup", "--ema-power", "-1"], "power -1");
 }
+
+#[test]
+fn plot_and_quality_curve_of_a_run() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, _) = trained(root.path(), false);
+    // Two more checkpoints, with a sample grid: the trainer draws loss.png beside it.
+    let run = root.path().join("run");
+    ok(&train(
+        &data,
+        &run,
+        &[
+            "--steps",
+            "6",
+            "--resume-checkpoint",
+            "latest",
+            "--sample-interval",
+            "4",
+            "--sample-count",
+            "2",
+            "--sample-respacing",
+            "3",
+        ],
+    ));
+    let loss = run.join("loss.png");
+    assert_eq!(image::open(&loss).unwrap().width(), 1200);
+    std::fs::remove_file(&loss).unwrap();
+    let r = run.to_str().unwrap();
+    let out = ok(&cli(&["plot", r]));
+    assert!(out.contains("loss.png") && loss.exists(), "{out}");
+    let out = ok(&cli(&[
+        "quality-curve",
+        r,
+        "--data",
+        data.to_str().unwrap(),
+        "--num",
+        "6",
+        "--respacing",
+        "4",
+        "--nll-num",
+        "2",
+        "--nll-respacing",
+        "4",
+    ]));
+    let points: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("quality.json")).unwrap()).unwrap();
+    let points = points.as_array().unwrap();
+    // The three kept checkpoints (steps 2, 4, 6), in order, with minutes that grow.
+    let steps: Vec<u64> = points.iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![2, 4, 6], "{out}");
+    let minutes: Vec<f64> = points
+        .iter()
+        .map(|p| p["minutes"].as_f64().unwrap())
+        .collect();
+    assert!(
+        minutes.windows(2).all(|w| w[1] > w[0]) && minutes[0] > 0.0,
+        "{minutes:?}"
+    );
+    for p in points {
+        assert!(p["frechet_distance"].as_f64().unwrap() > 0.0);
+        assert!(p["bits_per_dim"].as_f64().unwrap() > 0.0);
+        assert!((0.0..=1.0).contains(&p["confident_fraction"].as_f64().unwrap()));
+    }
+    assert!(image::open(run.join("quality.png")).is_ok());
+    // plot draws the curve too, now that quality.json exists.
+    assert!(ok(&cli(&["plot", r])).contains("quality.png"));
+    fails_with(&cli(&["plot", "/no/such/run"]), "not a run folder");
+    fails_with(
+        &cli(&["quality-curve", root.path().to_str().unwrap()]),
+        "not a run folder",
+    );
+}

@@ -68,6 +68,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Score every checkpoint of a run folder (FD at n = 1000 with the default solver, bits/dim
+    /// on a test subset) and draw FD against minutes of training: RUN/quality.png.
+    QualityCurve(ddpm_cli::plot::QualityArgs),
     /// Measure training and sampling throughput (side by side with the original when
     /// REF_PYTHON and REF_SRC are set).
     Bench {
@@ -171,6 +174,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 print!("{}", check.table());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::QualityCurve(args) => {
+            let points = ddpm_cli::plot::quality_curve(&args)?;
+            print!("{}", ddpm_cli::plot::table(&points));
+            println!("wrote {}", args.run.join("quality.png").display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Golden { bless, retrain } => {

@@ -106,8 +106,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
     for (step, dir) in &checkpoints {
         let at = minutes
             .iter()
-            .filter(|(s, _)| s <= step)
-            .next_back()
+            .rfind(|(s, _)| s <= step)
             .map_or(0.0, |m| m.1);
         tracing::info!("scoring {} ({at:.1} min)", dir.display());
         let report = crate::eval::run(&EvalArgs {
