@@ -476,6 +476,23 @@ fn plot_and_quality_curve_of_a_run() {
     assert!(image::open(run.join("quality.png")).is_ok());
     // plot draws the curve too, now that quality.json exists.
     assert!(ok(&cli(&["plot", r])).contains("quality.png"));
+    // eval (and sample) default to 20 steps; --steps and --respacing together are refused.
+    let ck = run.join("checkpoint-0000006");
+    let (c, d) = (ck.to_str().unwrap(), data.to_str().unwrap());
+    let base = [
+        "eval",
+        "--checkpoint",
+        c,
+        "--data",
+        d,
+        "--num",
+        "2",
+        "--no-progress",
+    ];
+    let report = json_line(&ok(&cli(&[&base[..], &["--json"]].concat())));
+    assert_eq!(report["respacing"], "20", "{report}");
+    let both = [&base[..], &["--steps", "5", "--respacing", "5"]].concat();
+    fails_with(&cli(&both), "both set the steps");
     fails_with(&cli(&["plot", "/no/such/run"]), "not a run folder");
     fails_with(
         &cli(&["quality-curve", root.path().to_str().unwrap()]),

@@ -40,10 +40,14 @@ pub fn download(args: &DownloadArgs) -> Result<()> {
 pub enum Preset {
     /// A few steps of a small model: checks the whole pipeline in under a minute.
     Tiny,
-    /// The MNIST UNet for a short run (blurry digit shapes).
+    /// The MNIST UNet for a few minutes, with the base recipe.
     Small,
-    /// The MNIST UNet long enough for recognisable digits.
+    /// The main job: the MNIST UNet for about 14 minutes on two cores, with lr warm-up and
+    /// cosine decay, Min-SNR-5 weighting and the EMA warm-up.
     Base,
+    /// The original recipe this project started with (6,000 steps at lr 2e-4, plain EMA 0.999,
+    /// 45 minutes here), kept for comparison.
+    Classic,
 }
 
 /// Options of `train-mnist`.
@@ -119,9 +123,16 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
             "--steps",
             "500",
             "--lr",
-            "2e-4",
+            "1e-3",
+            "--lr-schedule",
+            "cosine",
+            "--lr-warmup-steps",
+            "100",
+            "--snr-gamma",
+            "5",
+            "--ema-warmup",
             "--ema-rate",
-            "0.995",
+            "0.999",
             "--log-interval",
             "10",
             "--save-interval",
@@ -129,9 +140,36 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
             "--sample-interval",
             "250",
             "--sample-respacing",
-            "100",
+            "25",
         ],
         Preset::Base => &[
+            "--batch-size",
+            "32",
+            "--steps",
+            "2200",
+            "--lr",
+            "1e-3",
+            "--lr-schedule",
+            "cosine",
+            "--lr-warmup-steps",
+            "200",
+            "--snr-gamma",
+            "5",
+            "--ema-warmup",
+            "--ema-rate",
+            "0.999",
+            "--log-interval",
+            "10",
+            "--save-interval",
+            "275",
+            "--keep-checkpoints",
+            "0",
+            "--sample-interval",
+            "550",
+            "--sample-respacing",
+            "25",
+        ],
+        Preset::Classic => &[
             "--batch-size",
             "32",
             "--steps",

@@ -11,9 +11,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 
-/// The respacing `eval` samples with when neither --respacing nor --steps is given.
-pub const DEFAULT_RESPACING: &str = "100";
-
 /// The sampling method `eval` uses unless --solver says otherwise.
 pub const DEFAULT_SOLVER: &str = "ddpm";
 
@@ -32,7 +29,8 @@ pub struct EvalArgs {
     /// Samples per batch.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
-    /// Respacing used to sample ("" = all steps, "logsnr20", "ddim50", ...; default 100).
+    /// Respacing used to sample ("" = all steps, "logsnr20", "ddim50", ...; default: 20 steps
+    /// as `sample`).
     #[arg(long)]
     pub respacing: Option<String>,
     /// Model evaluations per sample (instead of --respacing): N evenly spaced steps.
@@ -91,14 +89,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         ema: args.ema.clone(),
         num: args.num,
         batch_size: args.batch_size,
-        respacing: match (&args.respacing, args.steps) {
-            (Some(r), Some(n)) => {
-                bail!("--steps {n} and --respacing {r:?} both set the steps: give one")
-            }
-            (Some(r), None) => r.clone(),
-            (None, Some(_)) => String::new(),
-            (None, None) => DEFAULT_RESPACING.to_string(),
-        },
+        respacing: args.respacing.clone(),
         ddim: args.ddim,
         solver: args.solver.clone(),
         steps: args.steps,
@@ -135,9 +126,10 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     order.truncate(args.num.min(train.len));
     let (x_real, _) = train.batch(&order, &device)?;
     let real = Scores::of_images(&clf, &x_real, &f_test)?;
-    let spacing = match args.steps {
-        Some(n) => n.to_string(),
-        None => sample_args.respacing.clone(),
+    let spacing = match (args.steps, &args.respacing) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(r)) => r.clone(),
+        (None, None) => crate::sample::DEFAULT_STEPS.to_string(),
     };
     let report = serde_json::json!({
         "checkpoint": args.checkpoint.display().to_string(),

@@ -71,9 +71,9 @@ pub struct QualityArgs {
     /// Sampling method (as `eval --solver`).
     #[arg(long, default_value = crate::eval::DEFAULT_SOLVER)]
     pub solver: String,
-    /// Respacing used to sample (as `eval --respacing`).
-    #[arg(long, default_value = crate::eval::DEFAULT_RESPACING)]
-    pub respacing: String,
+    /// Respacing used to sample (as `eval --respacing`; default: `sample`'s 20 steps).
+    #[arg(long)]
+    pub respacing: Option<String>,
     /// Folder with the MNIST IDX files.
     #[arg(long, default_value = "data/mnist")]
     pub data: PathBuf,
@@ -114,7 +114,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
             ema: None,
             num: args.num,
             batch_size: 100,
-            respacing: Some(args.respacing.clone()),
+            respacing: args.respacing.clone(),
             steps: None,
             ddim: false,
             solver: args.solver.clone(),

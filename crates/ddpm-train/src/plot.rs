@@ -122,6 +122,7 @@ fn panel(
             chart
                 .configure_mesh()
                 .x_desc(x_label)
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(plot_err)?;
