@@ -259,3 +259,29 @@ pub fn train_classifier(data: &std::path::Path, epochs: usize) -> Result<()> {
     println!("test accuracy {acc:.4}; wrote {}", path.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_is_a_valid_recipe_and_base_uses_the_new_one() {
+        for preset in [Preset::Tiny, Preset::Small, Preset::Base, Preset::Classic] {
+            let t = preset_args(preset);
+            t.train_config()
+                .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
+            t.model_config(28)
+                .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
+            assert!(t.diffusion().to_config(None).is_ok(), "{preset:?}");
+        }
+        let (base, classic) = (preset_args(Preset::Base), preset_args(Preset::Classic));
+        let (b, c) = (
+            base.train_config().unwrap(),
+            classic.train_config().unwrap(),
+        );
+        assert!(b.ema_warmup.is_some() && c.ema_warmup.is_none());
+        assert_eq!((base.snr_gamma, classic.snr_gamma), (Some(5.0), None));
+        // Every checkpoint of the base run is kept, for its quality curve.
+        assert_eq!(b.keep_checkpoints, 0);
+    }
+}
