@@ -493,6 +493,36 @@ fn plot_and_quality_curve_of_a_run() {
     assert_eq!(report["respacing"], "20", "{report}");
     let both = [&base[..], &["--steps", "5", "--respacing", "5"]].concat();
     fails_with(&cli(&both), "both set the steps");
+    // A damaged checkpoint is left out of the curve, with a warning naming it.
+    let w = std::fs::read(run.join("checkpoint-0000004/model.safetensors")).unwrap();
+    std::fs::write(
+        run.join("checkpoint-0000004/model.safetensors"),
+        &w[..w.len() / 2],
+    )
+    .unwrap();
+    let out = ok(&cli(&[
+        "quality-curve",
+        r,
+        "--data",
+        d,
+        "--num",
+        "4",
+        "--respacing",
+        "3",
+        "--nll-num",
+        "0",
+    ]));
+    assert!(out.contains("checkpoint-0000004"), "{out}");
+    let points: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("quality.json")).unwrap()).unwrap();
+    let steps: Vec<u64> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![2, 6]);
+    assert!(points[0]["bits_per_dim"].is_null());
     fails_with(&cli(&["plot", "/no/such/run"]), "not a run folder");
     fails_with(
         &cli(&["quality-curve", root.path().to_str().unwrap()]),

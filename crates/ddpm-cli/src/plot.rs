@@ -40,18 +40,31 @@ pub fn plot(args: &PlotArgs) -> Result<Vec<PathBuf>> {
         )
         .with_context(|| format!("{} is not a quality curve", quality.display()))?;
         let png = args.run.join("quality.png");
-        quality_plot(&points, &curve_title(&args.run), &png)?;
+        let num = points.first().map_or(0, |p| p.num);
+        quality_plot(&points, &curve_title(&args.run, num), &png)?;
         written.push(png);
     }
     Ok(written)
 }
 
-fn curve_title(run: &Path) -> String {
+fn curve_title(run: &Path, num: usize) -> String {
     format!(
-        "sample quality of {} (n = 1000, classifier features)",
+        "sample quality of {} (n = {num}, classifier features)",
         run.file_name()
             .map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into())
     )
+}
+
+/// Writes `bytes` beside `path`, fsyncs and renames it into place.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Options of `ddpm-cli quality-curve`.
@@ -86,22 +99,29 @@ pub struct QualityArgs {
 pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
     let rows = read_metrics(&args.run.join("metrics.jsonl"))
         .with_context(|| format!("{} is not a run folder", args.run.display()))?;
-    let mut checkpoints: Vec<(u64, PathBuf)> = std::fs::read_dir(&args.run)
-        .with_context(|| format!("cannot list {}", args.run.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            Some((step, e.path()))
-        })
+    // Damaged checkpoints (a crash, a full disk) are left out with a warning.
+    let checkpoints: Vec<(u64, PathBuf)> = ddpm_train::run_folder::list_checkpoints(&args.run)
+        .into_iter()
+        .filter(
+            |(_, dir)| match ddpm_train::run_folder::verify_checkpoint(dir) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("skipping {}: {e}", dir.display());
+                    false
+                }
+            },
+        )
         .collect();
-    checkpoints.sort();
     if checkpoints.is_empty() {
-        bail!("{} holds no checkpoint-NNNNNNN folders", args.run.display());
+        bail!(
+            "{} holds no intact checkpoint-NNNNNNN folders",
+            args.run.display()
+        );
     }
-    let first = &checkpoints[0].1;
-    let meta = ddpm_train::CheckpointMeta::read(first)?;
+    let meta = ddpm_train::CheckpointMeta::read(&checkpoints[0].1)?;
     let minutes = minutes_at_rows(&rows, meta.train.batch_size);
+    let json = args.run.join("quality.json");
+    let title = curve_title(&args.run, args.num);
     let mut points = Vec::new();
     for (step, dir) in &checkpoints {
         let at = minutes
@@ -149,20 +169,16 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
         points.push(QualityPoint {
             step: *step,
             minutes: at,
+            num: args.num,
             frechet_distance: f("samples", "frechet_distance"),
             floor: f("real_train_images", "frechet_distance"),
             confident_fraction: f("samples", "confident_fraction"),
             bits_per_dim,
         });
+        // After every point, so that an interrupted curve keeps what it scored.
+        write_atomically(&json, &serde_json::to_vec_pretty(&points)?)?;
     }
-    let json = args.run.join("quality.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&points)?)
-        .with_context(|| format!("cannot write {}", json.display()))?;
-    quality_plot(
-        &points,
-        &curve_title(&args.run),
-        &args.run.join("quality.png"),
-    )?;
+    quality_plot(&points, &title, &args.run.join("quality.png"))?;
     Ok(points)
 }
 

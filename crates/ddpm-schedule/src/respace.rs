@@ -141,7 +141,8 @@ pub fn logsnr_timesteps(alphas_cumprod: &[f64], count: usize) -> Result<Vec<usiz
     Ok(steps)
 }
 
-/// The log-SNR below which [`logsnr_timesteps`] puts no step but the first.
+/// The log-SNR below which [`logsnr_timesteps`] puts no target (the noisiest step, and steps
+/// pushed apart when nearly every step is asked for, may still lie below it).
 pub const LOGSNR_NOISE_FLOOR: f64 = -5.0;
 
 /// A schedule restricted to kept timesteps, with the map back to the original steps.

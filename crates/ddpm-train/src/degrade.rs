@@ -160,7 +160,7 @@ pub fn check_evaluator(
     draws: usize,
     seed: u64,
 ) -> Result<EvaluatorCheck> {
-    if num < 2 || draws == 0 || num * draws > train.len {
+    if num < 2 || draws == 0 || num.checked_mul(draws).is_none_or(|t| t > train.len) {
         return Err(TrainError::Config(format!(
             "cannot take {draws} disjoint draws of {num} images from {} training images",
             train.len

@@ -26,18 +26,25 @@ fn plot_err(e: impl std::fmt::Display) -> TrainError {
 }
 
 /// The rows of a `metrics.jsonl`, in order; a line that is not a JSON object names its number.
+/// A cut last line (no newline: a crash while it was written, which the next resume trims) is
+/// left out.
 pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
         path: path.to_path_buf(),
         source: e,
     })?;
     let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    for (i, raw) in lines.iter().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() {
             continue;
         }
         match serde_json::from_str::<serde_json::Value>(line) {
             Ok(serde_json::Value::Object(m)) => rows.push(m),
+            _ if i + 1 == lines.len() && !raw.ends_with('\n') => {
+                tracing::warn!("{}: ignoring a cut last line", path.display());
+            }
             _ => {
                 return Err(TrainError::Config(format!(
                     "{} line {}: not a metrics row (a JSON object)",
@@ -101,6 +108,17 @@ fn panel(
     lines: &[Series],
     log_y: bool,
 ) -> Result<()> {
+    // Non-finite values (a diverged checkpoint's score) are left out.
+    let lines: Vec<Series> = lines
+        .iter()
+        .map(|(n, p)| {
+            (
+                n.clone(),
+                p.iter().copied().filter(|q| q.1.is_finite()).collect(),
+            )
+        })
+        .collect();
+    let lines = &lines[..];
     let pts = || lines.iter().flat_map(|(_, p)| p.iter());
     let (x0, x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let ys = || pts().map(|p| p.1).filter(|y| !log_y || *y > 0.0);
@@ -224,18 +242,30 @@ pub fn loss_plot(rows: &[serde_json::Map<String, serde_json::Value>], out: &Path
 /// One checkpoint's point of a quality curve.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QualityPoint {
-    /// Training step of the checkpoint.
+    /// Training step of the checkpoint (non-finite scores are stored as null and read back as
+    /// NaN, which the plot leaves out).
     pub step: u64,
     /// Minutes of training to reach it.
     pub minutes: f64,
+    /// Samples scored (and real images in the floor).
+    #[serde(default)]
+    pub num: usize,
     /// Fréchet distance of its samples.
+    #[serde(deserialize_with = "nan_if_null")]
     pub frechet_distance: f64,
     /// The real-data floor at the same n.
+    #[serde(deserialize_with = "nan_if_null")]
     pub floor: f64,
     /// Fraction of samples classified with confidence above 0.9.
+    #[serde(deserialize_with = "nan_if_null")]
     pub confident_fraction: f64,
     /// Bits per dimension on a test subset, when measured.
     pub bits_per_dim: Option<f64>,
+}
+
+/// JSON has no NaN: serde_json writes it as null, which reads back as NaN here.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Draws the quality curve: Fréchet distance (and the real-data floor) against minutes of
@@ -329,6 +359,7 @@ mod tests {
             .map(|i| QualityPoint {
                 step: i * 500,
                 minutes: i as f64 * 3.0,
+                num: 1000,
                 frechet_distance: 400.0 / i as f64,
                 floor: 15.0,
                 confident_fraction: 0.5 + 0.1 * i as f64,
@@ -338,6 +369,13 @@ mod tests {
         let q = dir.path().join("quality.png");
         quality_plot(&pts, "test", &q).unwrap();
         assert_eq!(image::open(&q).unwrap().to_rgb8().dimensions(), SIZE);
+        // A NaN score is written as null and read back as NaN; the plot leaves it out.
+        let mut with_nan = pts.clone();
+        with_nan[1].frechet_distance = f64::NAN;
+        let back: Vec<QualityPoint> =
+            serde_json::from_slice(&serde_json::to_vec(&with_nan).unwrap()).unwrap();
+        assert!(back[1].frechet_distance.is_nan() && back[2] == pts[2]);
+        quality_plot(&back, "test", &q).unwrap();
         assert!(quality_plot(&[], "x", &q).is_err());
     }
 
@@ -356,9 +394,14 @@ mod tests {
         let m = minutes_at_rows(&read, 8);
         assert_eq!(m.len(), 3);
         assert!((m[2].1 - 3.0 / 60.0).abs() < 1e-12, "{m:?}");
-        std::fs::write(&p, text + "oops\n").unwrap();
+        std::fs::write(&p, text.clone() + "oops\n").unwrap();
         let e = read_metrics(&p).unwrap_err().to_string();
         assert!(e.contains("line 4"), "{e}");
+        // A cut last line (a crash mid-write) is left out; a bad line before the last is not.
+        std::fs::write(&p, text.clone() + "{\"step\": 4").unwrap();
+        assert_eq!(read_metrics(&p).unwrap().len(), 3);
+        std::fs::write(&p, "{\"step\"\n".to_string() + &text).unwrap();
+        assert!(read_metrics(&p).unwrap_err().to_string().contains("line 1"));
         std::fs::write(&p, "").unwrap();
         assert!(read_metrics(&p)
             .unwrap_err()

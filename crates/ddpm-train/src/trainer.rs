@@ -508,8 +508,6 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// Saves a checkpoint once the rows logged before it are on disk, so that a checkpoint that
-    /// survives a power cut never has fewer rows before it than were logged.
     /// Redraws `loss.png` from `metrics.jsonl`; a run never stops over a picture.
     fn draw_loss_plot(&self) {
         let metrics = self.run_dir.join(crate::run_folder::METRICS_FILE);
@@ -520,6 +518,8 @@ impl Trainer {
         }
     }
 
+    /// Saves a checkpoint once the rows logged before it are on disk, so that a checkpoint that
+    /// survives a power cut never has fewer rows before it than were logged.
     fn save_after(&self, metrics: &crate::run_folder::MetricsLog) -> Result<PathBuf> {
         metrics.sync()?;
         self.save()
