@@ -4,11 +4,12 @@
 //! test binary: `set_precision` and `set_isa_limit` are process-wide and would change the
 //! convolutions of tests running beside it.
 
+mod common;
+
 use candle_core::Device;
 use ddpm_train::{DiffusionSettings, ImageDataset, Split, TrainConfig, Trainer};
 use ddpm_unet::ops::{Isa, Precision};
 use ddpm_unet::UNetConfig;
-use std::path::Path;
 
 fn losses(data: &ImageDataset, precision: Precision, steps: usize) -> Vec<f64> {
     ddpm_unet::ops::set_precision(precision);
@@ -57,13 +58,7 @@ fn mean(v: &[f64]) -> f64 {
 
 #[test]
 fn mnist_bf16_training_follows_the_f32_loss_curve() {
-    // Real MNIST in the workspace's data/mnist, fetched once (MNIST_MIRROR honoured).
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .join("data/mnist");
-    ddpm_train::download::ensure_mnist(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let dir = common::mnist();
     let data = ImageDataset::load(&dir, Split::Train).unwrap();
     let families: Vec<Isa> = Isa::supported_all()
         .into_iter()

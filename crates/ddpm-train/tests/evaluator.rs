@@ -1,21 +1,12 @@
 //! The evaluator sees what a person sees: deliberately degraded real digits score clearly worse
 //! than clean ones at the same n, by more than the clean draws differ among themselves.
 
+mod common;
+use common::mnist;
+
 use ddpm_train::degrade::{check_evaluator, Degradation};
 use ddpm_train::eval::Classifier;
 use ddpm_train::{ImageDataset, Split};
-use std::path::{Path, PathBuf};
-
-/// Real MNIST in the workspace's `data/mnist`, fetched once (`MNIST_MIRROR` honoured).
-fn mnist() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .join("data/mnist");
-    ddpm_train::download::ensure_mnist(&dir).unwrap_or_else(|e| panic!("{e}"));
-    dir
-}
 
 #[test]
 fn degraded_digits_score_clearly_worse_than_the_real_floor() {

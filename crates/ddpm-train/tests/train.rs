@@ -1,5 +1,8 @@
 //! Training-loop behaviour: exact resume, NaN guard, Ctrl-C, checkpoints, and real MNIST.
 
+mod common;
+use common::mnist;
+
 use candle_core::{Device, Tensor};
 use ddpm_train::checkpoint::CheckpointMeta;
 use ddpm_train::data::{IdxArray, ImageDataset};
@@ -8,7 +11,7 @@ use ddpm_train::{
     DiffusionSettings, EmaWarmup, LrSchedule, RunOutcome, Split, TrainConfig, TrainError, Trainer,
 };
 use ddpm_unet::UNetConfig;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 fn tiny_model() -> UNetConfig {
@@ -343,18 +346,6 @@ fn class_conditional_training_runs() {
         .tensors()
         .unwrap()
         .contains_key("label_emb.weight"));
-}
-
-/// Real MNIST in the workspace's `data/mnist` (where `cargo xtask train-mnist` keeps it), fetched
-/// once through the project's downloader, which honours `MNIST_MIRROR`.
-fn mnist() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .join("data/mnist");
-    ddpm_train::download::ensure_mnist(&dir).unwrap_or_else(|e| panic!("{e}"));
-    dir
 }
 
 /// The download path users run, after a dead mirror, from a folder holding the files.
