@@ -1,18 +1,12 @@
 //! `ddpm-cli eval`: sample quality of an MNIST model, with real data as the floor.
 
-use crate::sample::{generate, SampleArgs};
+use crate::sample::{generate, respacing_of, SampleArgs, DEFAULT_SOLVER};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use ddpm_train::eval::{Classifier, Scores};
+use ddpm_train::eval::{shuffled_indices, test_features, Classifier, Scores};
 use ddpm_train::{ImageDataset, Split};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
-
-/// The sampling method `eval` uses unless --solver says otherwise.
-pub const DEFAULT_SOLVER: &str = "ddpm";
 
 /// Options of `ddpm-cli eval`.
 #[derive(Debug, Clone, Args)]
@@ -109,9 +103,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     let samples = generate(&sample_args)?;
     let device = Device::Cpu;
     let clf = Classifier::pretrained(&device)?;
-    let all_test: Vec<usize> = (0..test.len).collect();
-    let (x_test, _) = test.batch(&all_test, &device)?;
-    let (f_test, _) = clf.describe(&x_test, 500)?;
+    let f_test = test_features(&clf, &test)?;
     let gen = Scores::of_images(&clf, &samples.images, &f_test)?;
     if args.num > train.len {
         tracing::warn!(
@@ -120,17 +112,11 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
             args.num
         );
     }
-    // A seeded random draw: the first N training images are not a fair sample of the set.
-    let mut order: Vec<usize> = (0..train.len).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(args.seed));
+    let mut order = shuffled_indices(train.len, args.seed);
     order.truncate(args.num.min(train.len));
     let (x_real, _) = train.batch(&order, &device)?;
     let real = Scores::of_images(&clf, &x_real, &f_test)?;
-    let spacing = match (args.steps, &args.respacing) {
-        (Some(n), _) => n.to_string(),
-        (None, Some(r)) => r.clone(),
-        (None, None) => crate::sample::DEFAULT_STEPS.to_string(),
-    };
+    let spacing = respacing_of(args.steps, args.respacing.as_deref())?;
     let report = serde_json::json!({
         "checkpoint": args.checkpoint.display().to_string(),
         "num": args.num,
@@ -141,7 +127,9 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         "real_train_images": real,
     });
     if args.quiet {
-    } else if args.json {
+        return Ok(report);
+    }
+    if args.json {
         println!("{report}");
     } else {
         println!(

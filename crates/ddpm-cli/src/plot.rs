@@ -82,7 +82,7 @@ pub struct QualityArgs {
     #[arg(long, default_value = "100")]
     pub nll_respacing: String,
     /// Sampling method (as `eval --solver`).
-    #[arg(long, default_value = crate::eval::DEFAULT_SOLVER)]
+    #[arg(long, default_value = crate::sample::DEFAULT_SOLVER)]
     pub solver: String,
     /// Respacing used to sample (as `eval --respacing`; default: `sample`'s 20 steps).
     #[arg(long)]

@@ -16,6 +16,23 @@ use std::path::PathBuf;
 /// settings on the base preset's model (README, solver table).
 pub const DEFAULT_STEPS: usize = 20;
 
+/// The sampling method of `sample` and `eval` unless --solver says otherwise.
+pub const DEFAULT_SOLVER: &str = "ddpm";
+
+/// The respacing that `--steps` and `--respacing` ask for together (at most one of them; neither
+/// gives [`DEFAULT_STEPS`]).
+pub fn respacing_of(steps: Option<usize>, respacing: Option<&str>) -> Result<String> {
+    Ok(match (steps, respacing) {
+        (Some(0), _) => bail!("--steps 0: sampling needs at least one step"),
+        (Some(n), None) => n.to_string(),
+        (Some(n), Some(r)) => {
+            bail!("--steps {n} and --respacing {r:?} both set the steps: give one")
+        }
+        (None, Some(r)) => r.to_string(),
+        (None, None) => DEFAULT_STEPS.to_string(),
+    })
+}
+
 /// Options of `ddpm-cli sample`.
 #[derive(Debug, Clone, Args)]
 pub struct SampleArgs {
@@ -40,7 +57,7 @@ pub struct SampleArgs {
     pub ddim: bool,
     /// Sampling method: ddpm (ancestral), ddim, dpm++2m (DPM-Solver++(2M)) or unipc (UniPC-2);
     /// the ODE solvers need far fewer steps, e.g. --steps 20.
-    #[arg(long, default_value = "ddpm")]
+    #[arg(long, default_value = DEFAULT_SOLVER)]
     pub solver: String,
     /// Model evaluations: respaces the schedule to N evenly spaced steps (the same as
     /// --respacing N; the default is 20).
@@ -156,15 +173,7 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         (Some(c), Some(k)) if c as usize >= k => bail!("--class {c} is outside 0..{k}"),
         _ => {}
     }
-    let respacing = match (args.steps, args.respacing.as_deref()) {
-        (Some(0), _) => bail!("--steps 0: sampling needs at least one step"),
-        (Some(n), None) => n.to_string(),
-        (Some(n), Some(r)) => {
-            bail!("--steps {n} and --respacing {r:?} both set the steps: give one")
-        }
-        (None, Some(r)) => r.to_string(),
-        (None, None) => DEFAULT_STEPS.to_string(),
-    };
+    let respacing = respacing_of(args.steps, args.respacing.as_deref())?;
     let cfg = meta
         .diffusion
         .to_config(Some(&respacing))

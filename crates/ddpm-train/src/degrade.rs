@@ -4,7 +4,7 @@
 //! a background that is not black, blur, leftover noise, and a share of samples that are
 //! blobs on grey squares instead of digits.
 
-use crate::eval::{Classifier, Scores};
+use crate::eval::{shuffled_indices, test_features, Classifier, Scores};
 use crate::{ImageDataset, Result, TrainError};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -167,11 +167,8 @@ pub fn check_evaluator(
         )));
     }
     let device = candle_core::Device::Cpu;
-    let all: Vec<usize> = (0..test.len).collect();
-    let (x_test, _) = test.batch(&all, &device)?;
-    let (reference, _) = clf.describe(&x_test, 500)?;
-    let mut order: Vec<usize> = (0..train.len).collect();
-    rand::seq::SliceRandom::shuffle(&mut order[..], &mut ChaCha8Rng::seed_from_u64(seed));
+    let reference = test_features(clf, test)?;
+    let order = shuffled_indices(train.len, seed);
     let mut floor = Vec::with_capacity(draws);
     let mut first = None;
     for d in 0..draws {

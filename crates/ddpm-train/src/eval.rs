@@ -387,6 +387,21 @@ pub fn confident_fraction(probs: &[Vec<f64>], threshold: f64) -> f64 {
     n as f64 / probs.len() as f64
 }
 
+/// The classifier's features of every test image: the reference every score is taken against.
+pub fn test_features(clf: &Classifier, test: &ImageDataset) -> Result<Rows> {
+    let all: Vec<usize> = (0..test.len).collect();
+    let (x, _) = test.batch(&all, &candle_core::Device::Cpu)?;
+    Ok(clf.describe(&x, 500)?.0)
+}
+
+/// The indices 0..len in a seeded random order: real-data floors are drawn from its front, as
+/// the first images of a set are not a fair sample of it.
+pub fn shuffled_indices(len: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    order
+}
+
 /// What `eval` reports for one set of images, against the test set's features.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Scores {
