@@ -55,18 +55,6 @@ fn curve_title(run: &Path, num: usize) -> String {
     )
 }
 
-/// Writes `bytes` beside `path`, fsyncs and renames it into place.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// Options of `ddpm-cli quality-curve`.
 #[derive(Debug, Clone, Args)]
 pub struct QualityArgs {
@@ -176,7 +164,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
             bits_per_dim,
         });
         // After every point, so that an interrupted curve keeps what it scored.
-        write_atomically(&json, &serde_json::to_vec_pretty(&points)?)?;
+        ddpm_train::run_folder::write_atomically(&json, &serde_json::to_vec_pretty(&points)?)?;
     }
     quality_plot(&points, &title, &args.run.join("quality.png"))?;
     Ok(points)

@@ -57,18 +57,18 @@ pub fn save_grid_png(x: &Tensor, path: &Path) -> Result<()> {
     save_png_atomically(&image::DynamicImage::ImageLuma8(make_grid(x)?), path)
 }
 
-/// Writes a PNG beside `path` and renames it into place, so a reader never sees half a file.
+/// Encodes a PNG and writes it with [`crate::run_folder::write_atomically`].
 pub fn save_png_atomically(img: &image::DynamicImage, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| TrainError::Io {
-            path: tmp.clone(),
-            source: std::io::Error::other(e),
-        })?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::Io {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| TrainError::Io {
         path: path.to_path_buf(),
-        source: e,
-    })
+        source: std::io::Error::other(e),
+    })?;
+    crate::run_folder::write_atomically(path, &bytes)
 }
 
 #[cfg(test)]

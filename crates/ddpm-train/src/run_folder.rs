@@ -33,6 +33,21 @@ pub fn fsync_path(path: &Path) -> Result<()> {
         .map_err(io(path))
 }
 
+/// Replaces `path` with `bytes` so that a reader or a crash never sees half a file: written to
+/// `<name>.tmp` beside it, fsynced, renamed into place, and the folder fsynced.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    fsync_path(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => fsync_path(dir),
+        _ => Ok(()),
+    }
+}
+
 /// One file of a checkpoint, as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -481,14 +496,7 @@ impl MetricsLog {
                 path.display()
             );
         }
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, kept).map_err(io(&tmp))?;
-        fsync_path(&tmp)?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => fsync_path(dir),
-            _ => Ok(()),
-        }
+        write_atomically(path, kept.as_bytes())
     }
 
     /// Flushes the rows to the disk (the trainer does before each checkpoint).
