@@ -87,7 +87,28 @@ pub struct TrainMnistArgs {
 
 /// The `ddpm-cli train` flags of a preset.
 pub fn preset_args(preset: Preset) -> TrainArgs {
-    let base: Vec<&str> = vec!["train"];
+    // The recipe `small` and `base` share; each adds its length and intervals.
+    const RECIPE: &[&str] = &[
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--lr-schedule",
+        "cosine",
+        "--snr-gamma",
+        "5",
+        "--ema-warmup",
+        "--ema-rate",
+        "0.999",
+        "--log-interval",
+        "10",
+        "--sample-respacing",
+        "25",
+    ];
+    let recipe: &[&str] = match preset {
+        Preset::Small | Preset::Base => RECIPE,
+        Preset::Tiny | Preset::Classic => &[],
+    };
     let extra: &[&str] = match preset {
         Preset::Tiny => &[
             "--channel-mult",
@@ -118,56 +139,26 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
             "10",
         ],
         Preset::Small => &[
-            "--batch-size",
-            "32",
             "--steps",
             "500",
-            "--lr",
-            "1e-3",
-            "--lr-schedule",
-            "cosine",
             "--lr-warmup-steps",
             "100",
-            "--snr-gamma",
-            "5",
-            "--ema-warmup",
-            "--ema-rate",
-            "0.999",
-            "--log-interval",
-            "10",
             "--save-interval",
             "250",
             "--sample-interval",
             "250",
-            "--sample-respacing",
-            "25",
         ],
         Preset::Base => &[
-            "--batch-size",
-            "32",
             "--steps",
             "2200",
-            "--lr",
-            "1e-3",
-            "--lr-schedule",
-            "cosine",
             "--lr-warmup-steps",
             "200",
-            "--snr-gamma",
-            "5",
-            "--ema-warmup",
-            "--ema-rate",
-            "0.999",
-            "--log-interval",
-            "10",
             "--save-interval",
             "275",
             "--keep-checkpoints",
             "0",
             "--sample-interval",
             "550",
-            "--sample-respacing",
-            "25",
         ],
         Preset::Classic => &[
             "--batch-size",
@@ -197,8 +188,9 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
     enum Cmd {
         Train(TrainArgs),
     }
-    let argv = std::iter::once("ddpm-cli")
-        .chain(base)
+    let argv = ["ddpm-cli", "train"]
+        .into_iter()
+        .chain(recipe.iter().copied())
         .chain(extra.iter().copied());
     let Cmd::Train(args) = Wrapper::parse_from(argv).cmd;
     args
