@@ -361,8 +361,12 @@ fn solvers_and_the_newer_training_flags() {
         assert_eq!(a, npz(solver, &["--solver", solver, "--respacing", "4"]));
         outs.push(a);
     }
-    // --ddim is --solver ddim.
+    // --ddim is --solver ddim, and without either the sampler is DDPM.
     assert_eq!(outs[0], npz("ddim-flag", &["--ddim", "--steps", "4"]));
+    assert_eq!(
+        npz("default", &["--steps", "4"]),
+        npz("ddpm", &["--solver", "ddpm", "--steps", "4"])
+    );
     let base = ["sample", "--checkpoint", c, "--npz", "/tmp/never.npz"];
     let bad = |extra: &[&str], words: &str| {
         let mut a = base.to_vec();
@@ -374,6 +378,7 @@ fn solvers_and_the_newer_training_flags() {
     bad(&["--steps", "0"], "at least one step");
     bad(&["--solver", "unipc", "--eta", "1"], "DDIM setting");
     bad(&["--ddim", "--solver", "dpm++2m"], "exclude each other");
+    bad(&["--ddim", "--solver", "ddpm"], "exclude each other");
     // Training with the newer recipe, and its bad values.
     let out = root.path().join("recipe");
     ok(&train(

@@ -40,10 +40,11 @@ pub fn download(args: &DownloadArgs) -> Result<()> {
 pub enum Preset {
     /// A few steps of a small model: checks the whole pipeline in under a minute.
     Tiny,
-    /// The MNIST UNet for a few minutes, with the base recipe.
+    /// The base recipe for a few minutes.
     Small,
-    /// The main job: the MNIST UNet for about 14 minutes on two cores, with lr warm-up and
-    /// cosine decay, Min-SNR-5 weighting and the EMA warm-up.
+    /// The main job: the MNIST UNet with one residual block per level, batch 64, for about 12.5
+    /// minutes on two Zen 5 cores, with lr warm-up and cosine decay, Min-SNR-5 weighting and the
+    /// EMA warm-up.
     Base,
     /// The original recipe this project started with (6,000 steps at lr 2e-4, plain EMA 0.999,
     /// 45 minutes here), kept for comparison.
@@ -87,10 +88,14 @@ pub struct TrainMnistArgs {
 
 /// The `ddpm-cli train` flags of a preset.
 pub fn preset_args(preset: Preset) -> TrainArgs {
-    // The recipe `small` and `base` share; each adds its length and intervals.
+    // The recipe `small` and `base` share; each adds its length and intervals. One residual
+    // block per level instead of two: 30% fewer FLOPs per image, and at the same minutes the
+    // images it gains are worth more than the depth it loses (README, "recipes tried").
     const RECIPE: &[&str] = &[
+        "--num-res-blocks",
+        "1",
         "--batch-size",
-        "32",
+        "64",
         "--lr",
         "1e-3",
         "--lr-schedule",
@@ -150,15 +155,15 @@ pub fn preset_args(preset: Preset) -> TrainArgs {
         ],
         Preset::Base => &[
             "--steps",
-            "2200",
+            "2700",
             "--lr-warmup-steps",
             "200",
             "--save-interval",
-            "275",
+            "675",
             "--keep-checkpoints",
             "0",
             "--sample-interval",
-            "550",
+            "1350",
         ],
         Preset::Classic => &[
             "--batch-size",
@@ -273,6 +278,9 @@ mod tests {
         );
         assert!(b.ema_warmup.is_some() && c.ema_warmup.is_none());
         assert_eq!((base.snr_gamma, classic.snr_gamma), (Some(5.0), None));
+        // The base model is the lighter UNet at batch 64; classic keeps the original's.
+        assert_eq!((base.num_res_blocks, classic.num_res_blocks), (1, 2));
+        assert_eq!((b.batch_size, c.batch_size), (64, 32));
         // Every checkpoint of the base run is kept, for its quality curve.
         assert_eq!(b.keep_checkpoints, 0);
     }

@@ -1,6 +1,6 @@
 //! `ddpm-cli eval`: sample quality of an MNIST model, with real data as the floor.
 
-use crate::sample::{generate, respacing_of, SampleArgs, DEFAULT_SOLVER};
+use crate::sample::{generate, respacing_of, sampler_of, SampleArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -33,9 +33,9 @@ pub struct EvalArgs {
     /// Sample with DDIM.
     #[arg(long)]
     pub ddim: bool,
-    /// Sampling method: ddpm, ddim, dpm++2m or unipc.
-    #[arg(long, default_value = DEFAULT_SOLVER)]
-    pub solver: String,
+    /// Sampling method: ddpm, ddim, dpm++2m or unipc [default: ddpm].
+    #[arg(long)]
+    pub solver: Option<String>,
     /// DDIM eta.
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
@@ -122,7 +122,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         "num": args.num,
         "test_images": test.len,
         "respacing": spacing,
-        "solver": if args.ddim { "ddim" } else { args.solver.as_str() },
+        "solver": sampler_of(args.ddim, args.solver.as_deref(), args.eta)?.name(),
         "samples": gen,
         "real_train_images": real,
     });

@@ -125,7 +125,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
             respacing: args.respacing.clone(),
             steps: None,
             ddim: false,
-            solver: args.solver.clone(),
+            solver: Some(args.solver.clone()),
             eta: 0.0,
             seed: args.seed,
             data: args.data.clone(),
