@@ -107,8 +107,33 @@ pub struct DiffusionConfig {
     pub snr_gamma: Option<f64>,
 }
 
+impl DiffusionConfig {
+    /// Ho et al.'s recipe, for a plain epsilon network (one output channel per image channel):
+    /// linear schedule, 1000 steps, eps, fixed variance beta_t, MSE loss.
+    pub fn ddpm() -> Self {
+        Self {
+            beta_schedule: BetaSchedule::Linear,
+            model_var_type: ModelVarType::FixedLarge,
+            loss_type: LossType::Mse,
+            ..Self::default()
+        }
+    }
+
+    /// Channels the model must output for images of `image_channels` channels: twice as many
+    /// when it also outputs the variance.
+    pub fn model_output_channels(&self, image_channels: usize) -> usize {
+        if self.model_var_type.is_learned() {
+            2 * image_channels
+        } else {
+            image_channels
+        }
+    }
+}
+
 impl Default for DiffusionConfig {
     /// Improved DDPM's recipe: cosine schedule, 1000 steps, eps, learned-range sigma, hybrid loss.
+    /// The model outputs eps and the variance (see [`Self::model_output_channels`]); for a plain
+    /// epsilon network use [`DiffusionConfig::ddpm`].
     fn default() -> Self {
         Self {
             beta_schedule: BetaSchedule::Cosine,

@@ -6,6 +6,38 @@
 //! shortened schedules used for fast sampling, and [`GaussianDiffusion`] runs the forward and
 //! reverse processes on tensors. It never depends on a particular network: model outputs come in
 //! as tensors or through a closure.
+//!
+//! A training loss and a sampling loop around any function of (x_t, timesteps), here a stand-in
+//! that always predicts zero noise (`examples/toy2d.rs` trains a real one):
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use ddpm_schedule::{randn, DiffusionConfig, GaussianDiffusion, RngNoise, Sampler};
+//! use rand::SeedableRng;
+//!
+//! // Ho et al.'s plain epsilon model (Improved DDPM's default also outputs a variance).
+//! let cfg = DiffusionConfig::ddpm();
+//! assert_eq!(cfg.model_output_channels(1), 1);
+//! assert_eq!(DiffusionConfig::default().model_output_channels(1), 2);
+//! // Sampled on 10 respaced steps.
+//! let diffusion = GaussianDiffusion::new(&DiffusionConfig { respacing: "10".into(), ..cfg })?;
+//! let model = |x: &Tensor, _t: &Tensor| x.zeros_like();
+//! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+//! let (dev, f32) = (Device::Cpu, DType::F32);
+//!
+//! let x_start = Tensor::zeros((4, 1, 8, 8), f32, &dev)?;
+//! let noise = randn(&mut rng, (4, 1, 8, 8), f32, &dev)?;
+//! let terms = diffusion.training_losses(model, &x_start, &[0, 3, 6, 9], &noise)?;
+//! assert_eq!(terms.loss.dims(), [4]);
+//!
+//! let x_end = randn(&mut rng, (4, 1, 8, 8), f32, &dev)?;
+//! let mut steps = 0;
+//! let sample = diffusion.sample_loop(model, x_end, Sampler::Ddpm, true, &mut RngNoise(rng), |_| {
+//!     steps += 1
+//! })?;
+//! assert_eq!((sample.dims(), steps), ([4, 1, 8, 8].as_slice(), 10));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod beta;
 mod diffusion;

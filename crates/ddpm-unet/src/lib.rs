@@ -9,6 +9,27 @@
 //!
 //! The hot operations (convolution, GroupNorm with SiLU, attention) go through [`ops`], so faster
 //! kernels can replace them without touching the model code.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use ddpm_unet::{ParamStore, UNet, UNetConfig};
+//!
+//! // The MNIST UNet, lighter: one residual block per level and no attention. Its variance is
+//! // learned, so it returns two channels (eps and the variance) per input channel.
+//! let cfg = UNetConfig {
+//!     channel_mult: vec![1, 2],
+//!     num_res_blocks: 1,
+//!     attention_resolutions: vec![],
+//!     ..UNetConfig::mnist()
+//! };
+//! let params = ParamStore::new(0, DType::F32, &Device::Cpu);
+//! let unet = UNet::new(params.var_builder(), &cfg)?;
+//! let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu)?;
+//! let t = Tensor::new(&[10f32, 500.0], &Device::Cpu)?;
+//! let out = unet.forward(&x, &t, None, false)?;
+//! assert_eq!(out.dims(), [2, 2, 28, 28]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod blocks;
 mod config;
