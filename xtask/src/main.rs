@@ -116,8 +116,8 @@ fn reference_cases() -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    ddpm_train::tune_threads();
-    ddpm_train::tune_mimalloc();
+    ddpm_cli::tune_threads();
+    ddpm_cli::tune_mimalloc();
     ddpm_cli::init_logging();
     match run(Cli::parse()) {
         Ok(code) => code,

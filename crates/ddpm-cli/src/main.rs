@@ -40,8 +40,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    ddpm_train::tune_threads();
-    ddpm_train::tune_mimalloc();
+    ddpm_cli::tune_threads();
+    ddpm_cli::tune_mimalloc();
     ddpm_cli::init_logging();
     let command = Cli::command();
     let matches = command.clone().get_matches();

@@ -5,34 +5,25 @@
 //! timestep samplers, AdamW with saved state, exponential moving averages of the weights,
 //! crash-consistent checkpoints in run folders that belong to one run ([`run_folder`]), and a
 //! training loop that resumes exactly, metrics rows included.
+//!
+//! Timesteps come from a seeded generator, so the same seed draws the same training batches:
+//!
+//! ```
+//! use ddpm_train::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
+//! use rand::SeedableRng;
+//!
+//! let draw = |seed| {
+//!     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+//!     UniformSampler::new(1000).sample(8, &mut rng)
+//! };
+//! let (t, weights) = draw(0);
+//! assert!(t.iter().all(|&t| t < 1000) && weights == [1.0; 8]);
+//! assert_eq!(draw(0), (t, weights));
+//! // Improved DDPM's importance sampler is uniform until it has a history of losses.
+//! assert_eq!(LossSecondMomentSampler::new(1000).weights(), vec![1.0; 1000]);
+//! ```
 
 pub mod checkpoint;
-
-/// Keeps freed memory mapped when the binary's global allocator is mimalloc.
-///
-/// Training frees and re-allocates the same large activation buffers every step; returning
-/// them to the OS makes the kernel zero fresh pages each time (about a fifth of a step's time
-/// here). Call it first thing in `main`, after `#[global_allocator] static A: mimalloc::MiMalloc`.
-pub fn tune_mimalloc() {
-    // mi_option_purge_delay (15 in mimalloc 2.x): -1 means never purge.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: setting an option is a plain store inside mimalloc, valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
-/// Leaves Candle's element-wise ops on the calling thread unless `CANDLE_NUM_THREADS` is set.
-///
-/// ddpm-rs's kernels run on rayon's pool; Candle 0.11 keeps a second pool of its own whose
-/// workers spin while they wait for work, so on a few cores the two pools take turns at the CPU
-/// (one Candle thread measured here, 2 cores: training 56 -> 62 images/s, forward 218 -> 228).
-/// Call it first thing in `main`, before any thread or tensor exists: Candle reads the variable
-/// when its pool starts.
-pub fn tune_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
 pub mod data;
 pub mod degrade;
 pub mod download;

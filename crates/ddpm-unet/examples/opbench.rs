@@ -39,7 +39,7 @@ fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    // As the binaries do (ddpm_train::tune_threads): Candle's own element-wise pool would spin
+    // As the binaries do (ddpm_cli::tune_threads): Candle's own element-wise pool would spin
     // against rayon's.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
