@@ -57,6 +57,28 @@ impl Mlp {
     }
 }
 
+/// Redraws every parameter from `rng`, in name order, as PyTorch's `Linear` initialises them
+/// (uniform in ±1/sqrt(fan_in)): candle-nn draws initial weights from an unseeded generator.
+fn seed_weights(vars: &VarMap, rng: &mut ChaCha8Rng) -> candle_core::Result<()> {
+    let data = vars
+        .data()
+        .lock()
+        .expect("no other thread holds the VarMap");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let layer = name.rsplit_once('.').map_or("", |(layer, _)| layer);
+        let fan_in = data[&format!("{layer}.weight")].dims()[1];
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let v: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        var.set(&Tensor::from_vec(v, var.shape(), var.device())?)?;
+    }
+    Ok(())
+}
+
 /// `n` points of the ring of Gaussians, as x, y pairs.
 fn ring(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     let mut xy = Vec::with_capacity(2 * n);
@@ -127,8 +149,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
 
-    // Timesteps and noise come from one seeded generator: the same run twice is the same run.
+    // Weights, timesteps and noise come from one seeded generator: the same run twice is the
+    // same run.
     let mut rng = ChaCha8Rng::seed_from_u64(0);
+    seed_weights(&vars, &mut rng)?;
     for step in 1..=steps {
         // Linear decay to zero: the last steps at a small rate sharpen the modes.
         opt.set_learning_rate(peak_lr * (1.0 - (step - 1) as f64 / steps as f64));
