@@ -1,6 +1,6 @@
 //! `ddpm-cli eval`: sample quality of an MNIST model, with real data as the floor.
 
-use crate::sample::{generate, respacing_of, sampler_of, SampleArgs};
+use crate::sample::{generate, respacing_of, SampleArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -122,7 +122,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         "num": args.num,
         "test_images": test.len,
         "respacing": spacing,
-        "solver": sampler_of(args.ddim, args.solver.as_deref(), args.eta)?.name(),
+        "solver": samples.sampler.name(),
         "samples": gen,
         "real_train_images": real,
     });

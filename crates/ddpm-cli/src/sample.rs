@@ -132,6 +132,8 @@ pub struct Samples {
     pub images: Tensor,
     /// Their labels (0 for unconditional models).
     pub labels: Vec<i64>,
+    /// The sampler that drew them.
+    pub sampler: Sampler,
 }
 
 /// Runs `sample` and writes the requested files.
@@ -297,7 +299,11 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         write_gif(&frames, &args.gif_show, path)?;
         println!("wrote {} ({} frames)", path.display(), frames.len());
     }
-    Ok(Samples { images, labels })
+    Ok(Samples {
+        images,
+        labels,
+        sampler,
+    })
 }
 
 /// Checks that `path` can be written: its folder exists and takes a new file, and it is not a
