@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use ddpm_kernels::{profile, Isa, KernelChoice, KernelOptions, Precision};
 use ddpm_train::data::{IdxArray, ImageDataset};
 use ddpm_train::{DiffusionSettings, TrainConfig, Trainer};
-use ddpm_unet::ops::{profile, Isa, Precision};
 use ddpm_unet::UNetConfig;
 use serde::Serialize;
 use std::path::Path;
@@ -118,20 +118,22 @@ fn synthetic_data(n: usize) -> ImageDataset {
     .expect("consistent synthetic data")
 }
 
-/// Runs our side of the benchmark at `precision` (set process-wide for the duration).
-fn bench_ours(opts: &BenchOptions, precision: Precision) -> Result<Measured> {
-    ddpm_unet::ops::set_precision(precision);
-    let r = bench_ours_now(opts);
-    ddpm_unet::ops::set_precision(Precision::F32);
-    r
+/// The kernels our side runs at `precision`, within the benchmark's family limit.
+fn our_kernels(opts: &BenchOptions, precision: Precision) -> KernelOptions {
+    KernelOptions {
+        precision,
+        choice: opts.isa.map_or(KernelChoice::Auto, KernelChoice::UpTo),
+    }
 }
 
-fn bench_ours_now(opts: &BenchOptions) -> Result<Measured> {
+/// Runs our side of the benchmark at `precision`.
+fn bench_ours(opts: &BenchOptions, precision: Precision) -> Result<Measured> {
     let device = Device::Cpu;
     let run_dir = tempfile::tempdir()?;
     let cfg = TrainConfig {
         batch_size: opts.batch,
         sample_interval: 0,
+        kernels: our_kernels(opts, precision),
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(
@@ -371,8 +373,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    ddpm_unet::ops::set_isa_limit(opts.isa);
-    let ours_bf16 = ddpm_unet::ops::bf16_supported();
+    let ours_bf16 = our_kernels(&opts, Precision::Bf16).bf16_supported();
     let reference_bf16 = opts.isa.is_none_or(|i| i >= Isa::Avx512Bf16);
     let mut rounds: [Vec<Measured>; 4] = Default::default();
     for round in 0..opts.rounds {
@@ -408,10 +409,10 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         _ => None,
     };
     let kernels = serde_json::json!({
-        "f32": ddpm_unet::ops::Kernels::new(ddpm_unet::ops::isa(), false).describe(),
-        "bf16": ours_bf16.then(|| ddpm_unet::ops::Kernels::new(ddpm_unet::ops::isa(), true).describe()),
+        "f32": our_kernels(&opts, Precision::F32).describe(),
+        "bf16": ours_bf16.then(|| our_kernels(&opts, Precision::Bf16).describe()),
     });
-    let isa = ddpm_unet::ops::isa();
+    let isa = our_kernels(&opts, Precision::F32).isa();
     if opts.json {
         let per_round = |r: &[Measured]| r.iter().map(|m| m.figures.clone()).collect::<Vec<_>>();
         println!(

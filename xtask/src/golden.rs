@@ -13,11 +13,11 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use ddpm_kernels::{Isa, KernelChoice, KernelOptions, Precision};
 use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, Sampler};
 use ddpm_train::checkpoint::load_model;
 use ddpm_train::data::{IdxArray, ImageDataset};
 use ddpm_train::{DiffusionSettings, TrainConfig, Trainer};
-use ddpm_unet::ops::{Isa, Precision};
 use ddpm_unet::UNetConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -51,22 +51,22 @@ pub fn families(precision: Precision) -> Vec<Isa> {
         .collect()
 }
 
-/// The golden quantities computed with the kernels of `isa` at `precision` (both set
-/// process-wide for the duration, then reset).
+/// The golden quantities computed with the kernels of `isa` at `precision`.
 pub fn compute_with(dir: &Path, isa: Isa, precision: Precision) -> Result<HashMap<String, Tensor>> {
-    ddpm_unet::ops::set_isa_limit(Some(isa));
-    ddpm_unet::ops::set_precision(precision);
-    let r = compute(dir);
-    ddpm_unet::ops::set_precision(Precision::F32);
-    ddpm_unet::ops::set_isa_limit(None);
-    r
+    compute(
+        dir,
+        KernelOptions {
+            precision,
+            choice: KernelChoice::UpTo(isa),
+        },
+    )
 }
 
 /// The computed golden quantities, by name.
-pub fn compute(dir: &Path) -> Result<HashMap<String, Tensor>> {
+pub fn compute(dir: &Path, kernels: KernelOptions) -> Result<HashMap<String, Tensor>> {
     let device = Device::Cpu;
-    let loaded =
-        load_model(&dir.join("model"), None, &device).context("loading the golden model")?;
+    let loaded = load_model(&dir.join("model"), None, kernels, &device)
+        .context("loading the golden model")?;
     let meta = &loaded.meta;
     let [h, w] = meta.image_size;
     let mut out = HashMap::new();

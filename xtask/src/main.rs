@@ -95,7 +95,7 @@ enum Command {
         /// and MKL_ENABLE_INSTRUCTIONS (avx2 is the laptop comparison). Default: DDPM_ISA, else
         /// everything the CPU has.
         #[arg(long)]
-        isa: Option<ddpm_unet::ops::Isa>,
+        isa: Option<ddpm_kernels::Isa>,
     },
 }
 
@@ -200,7 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let isa = match isa {
                 Some(i) => Some(i),
-                None => ddpm_unet::ops::isa_from_env().context("DDPM_ISA")?,
+                None => ddpm_kernels::isa_from_env().context("DDPM_ISA")?,
             };
             bench::run(bench::BenchOptions {
                 batch,

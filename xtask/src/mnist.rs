@@ -81,7 +81,7 @@ pub struct TrainMnistArgs {
     /// f32, or bf16 products in the CPU convolutions (AMX-BF16 or AVX512-BF16), as
     /// `ddpm-cli train --precision`.
     #[arg(long, default_value = "f32")]
-    pub precision: ddpm_unet::ops::Precision,
+    pub precision: ddpm_kernels::Precision,
     #[command(flatten)]
     pub download: DownloadArgs,
 }

@@ -97,7 +97,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         gif_show: "both".into(),
         gif_frames: 1,
         device: "cpu".into(),
-        precision: ddpm_unet::ops::Precision::F32,
+        precision: ddpm_kernels::Precision::F32,
         no_progress: args.no_progress,
     };
     let samples = generate(&sample_args)?;

@@ -138,24 +138,28 @@ pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
-/// Applies `--precision` and `DDPM_ISA` for a run on `device`: bf16 needs the CPU with AMX or
-/// AVX512-BF16 (within the `DDPM_ISA` limit), and an unknown `DDPM_ISA` is refused.
-pub fn set_precision(p: ddpm_unet::ops::Precision, device: &candle_core::Device) -> Result<()> {
-    use ddpm_unet::ops::{Isa, Precision};
-    ddpm_unet::ops::isa_from_env().map_err(|e| anyhow::anyhow!("DDPM_ISA: {e}"))?;
+/// The kernels a run on `device` computes with: `--precision`, with the benchmark overrides
+/// `DDPM_ISA` and `DDPM_PLAIN_OPS` applied. bf16 needs the CPU with AMX or AVX512-BF16 (within
+/// the `DDPM_ISA` limit), and an unknown `DDPM_ISA` is refused.
+pub fn kernel_options(
+    p: ddpm_kernels::Precision,
+    device: &candle_core::Device,
+) -> Result<ddpm_kernels::KernelOptions> {
+    use ddpm_kernels::{Isa, KernelOptions, Precision};
+    let opts = KernelOptions::with_precision(p).with_env_overrides()?;
     if p == Precision::Bf16 {
         if !device.is_cpu() {
             anyhow::bail!(
                 "--precision bf16 applies to the CPU kernels; on {device:?} use --precision f32"
             );
         }
-        if !ddpm_unet::ops::bf16_supported() {
+        if !opts.bf16_supported() {
             anyhow::bail!(
                 "--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16; this one runs {} \
                  kernels (detected {}){}; use --precision f32",
-                ddpm_unet::ops::isa(),
+                opts.isa(),
                 Isa::detected(),
-                if ddpm_unet::ops::isa() < Isa::detected() {
+                if opts.isa() < Isa::detected() {
                     ", limited by DDPM_ISA"
                 } else {
                     ""
@@ -163,6 +167,5 @@ pub fn set_precision(p: ddpm_unet::ops::Precision, device: &candle_core::Device)
             );
         }
     }
-    ddpm_unet::ops::set_precision(p);
-    Ok(())
+    Ok(opts)
 }

@@ -65,7 +65,8 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         .ema
         .as_deref()
         .map(|e| if e == "model" { "" } else { e });
-    let loaded = load_model(&args.checkpoint, ema, &device)?;
+    let kernels = crate::kernel_options(ddpm_kernels::Precision::F32, &device)?;
+    let loaded = load_model(&args.checkpoint, ema, kernels, &device)?;
     let split: Split = args.split.parse()?;
     let data = ImageDataset::load(&args.data, split).with_context(|| {
         format!(

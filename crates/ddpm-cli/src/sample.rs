@@ -120,7 +120,7 @@ pub struct SampleArgs {
     /// gradients, on CPUs with AMX-BF16 or AVX512-BF16; weights, optimiser and everything else
     /// stay f32.
     #[arg(long, default_value = "f32")]
-    pub precision: ddpm_unet::ops::Precision,
+    pub precision: ddpm_kernels::Precision,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -179,12 +179,12 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         }
     }
     let device: Device = parse_device(&args.device)?;
-    crate::set_precision(args.precision, &device)?;
+    let kernels = crate::kernel_options(args.precision, &device)?;
     let ema = args
         .ema
         .as_deref()
         .map(|e| if e == "model" { "" } else { e });
-    let loaded = load_model(&args.checkpoint, ema, &device)?;
+    let loaded = load_model(&args.checkpoint, ema, kernels, &device)?;
     let meta = &loaded.meta;
     let classes = meta.model.num_classes;
     match (args.class, classes) {

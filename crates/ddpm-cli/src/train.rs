@@ -147,7 +147,7 @@ pub struct TrainArgs {
     /// gradients, on CPUs with AMX-BF16 or AVX512-BF16; weights, optimiser and everything else
     /// stay f32.
     #[arg(long, default_value = "f32")]
-    pub precision: ddpm_unet::ops::Precision,
+    pub precision: ddpm_kernels::Precision,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -237,6 +237,8 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             class_cond: self.class_cond,
             seed: self.seed,
+            // Checked against the device (and DDPM_ISA) in `run`, which sets them.
+            kernels: ddpm_kernels::KernelOptions::with_precision(self.precision),
         })
     }
 }
@@ -466,7 +468,7 @@ pub fn run(
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<RunOutcome> {
     let device = parse_device(&args.device)?;
-    crate::set_precision(args.precision, &device)?;
+    let kernels = crate::kernel_options(args.precision, &device)?;
     let data = ImageDataset::load(&args.data, Split::Train).with_context(|| {
         format!(
             "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",
@@ -490,6 +492,7 @@ pub fn run(
                 for (_, _, copy) in &applied {
                     copy(c, &cfg);
                 }
+                c.kernels = kernels;
             })?
         }
         None => {
@@ -497,7 +500,10 @@ pub fn run(
             Trainer::new(
                 model,
                 args.diffusion(),
-                args.train_config()?,
+                TrainConfig {
+                    kernels,
+                    ..args.train_config()?
+                },
                 data,
                 &args.out,
                 &device,

@@ -40,6 +40,7 @@
 //! ```
 
 mod beta;
+mod denoiser;
 mod diffusion;
 mod noise;
 mod predict;
@@ -49,6 +50,7 @@ mod solvers;
 mod tables;
 
 pub use beta::BetaSchedule;
+pub use denoiser::Denoiser;
 pub use diffusion::{
     DiffusionConfig, GaussianDiffusion, LossTerms, LossType, MeanVariance, ModelMeanType,
     ModelVarType, PMeanVariance, PosteriorMeanVariance,

@@ -114,11 +114,12 @@ pub struct LoadedModel {
     pub weights: String,
 }
 
-/// Loads a checkpoint's network with the EMA weights at `ema` ("" for the raw model weights,
-/// `None` for the first EMA saved, or the raw weights when there is none).
+/// Loads a checkpoint's network, built on `kernels`, with the EMA weights at `ema` ("" for the
+/// raw model weights, `None` for the first EMA saved, or the raw weights when there is none).
 pub fn load_model(
     dir: &Path,
     ema: Option<&str>,
+    kernels: ddpm_unet::KernelOptions,
     device: &candle_core::Device,
 ) -> Result<LoadedModel> {
     // Damage first: a damaged config.json is named as damage, not as a bad setting.
@@ -162,7 +163,7 @@ pub fn load_model(
         )));
     }
     let store = ddpm_unet::ParamStore::new(0, candle_core::DType::F32, device);
-    let model = ddpm_unet::UNet::new(store.var_builder(), &meta.model)?;
+    let model = ddpm_unet::UNet::with_kernels(store.var_builder(), &meta.model, kernels)?;
     store
         .load_safetensors(&path)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;

@@ -4,7 +4,7 @@
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{ImageDataset, Result, TrainError};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use ddpm_unet::nn::{Conv2d, Conv2dConfig, Linear};
 use ddpm_unet::ParamStore;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -19,67 +19,12 @@ pub const FEATURES: usize = 128;
 /// The classifier's committed weights (trained by `cargo xtask train-classifier`).
 pub const CLASSIFIER_WEIGHTS: &[u8] = include_bytes!("../assets/mnist_classifier.safetensors");
 
-struct Conv {
-    w: Tensor,
-    b: Tensor,
-    stride: usize,
-}
-
-impl Conv {
-    fn new(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> candle_core::Result<Self> {
-        let bound = 1.0 / ((c_in * 9) as f64).sqrt();
-        let w = vb.get_with_hints(
-            (c_out, c_in, 3, 3),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_UNIFORM,
-        )?;
-        let b = vb.get_with_hints(
-            c_out,
-            "bias",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        Ok(Self { w, b, stride })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ddpm_unet::ops::conv2d(x, &self.w, &self.b, self.stride, 1)?.relu()
-    }
-}
-
-struct Dense {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Dense {
-    fn new(vb: VarBuilder, i: usize, o: usize) -> candle_core::Result<Self> {
-        let bound = 1.0 / (i as f64).sqrt();
-        let w = vb.get_with_hints((o, i), "weight", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?;
-        let b = vb.get_with_hints(
-            o,
-            "bias",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        Ok(Self { w, b })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.w.t()?)?.broadcast_add(&self.b)
-    }
-}
-
 /// A small CNN for 28×28 digits: three 3×3 convolutions (32, 64, 128 channels; the last two
 /// stride 2), a 128-wide feature layer and 10 logits.
 pub struct Classifier {
-    c1: Conv,
-    c2: Conv,
-    c3: Conv,
-    fc: Dense,
-    out: Dense,
+    convs: [Conv2d; 3],
+    fc: Linear,
+    out: Linear,
     store: ParamStore,
 }
 
@@ -88,12 +33,22 @@ impl Classifier {
     pub fn new(seed: u64, device: &Device) -> Result<Self> {
         let store = ParamStore::new(seed, DType::F32, device);
         let vb = store.var_builder();
+        let conv = |name: &str, c_in, c_out, stride| {
+            let cfg = Conv2dConfig {
+                stride,
+                padding: 1,
+                ..Default::default()
+            };
+            Conv2d::new(vb.pp(name), c_in, c_out, 3, cfg)
+        };
         Ok(Self {
-            c1: Conv::new(vb.pp("conv1"), 1, 32, 1)?,
-            c2: Conv::new(vb.pp("conv2"), 32, 64, 2)?,
-            c3: Conv::new(vb.pp("conv3"), 64, 128, 2)?,
-            fc: Dense::new(vb.pp("fc"), 128 * 7 * 7, FEATURES)?,
-            out: Dense::new(vb.pp("out"), FEATURES, 10)?,
+            convs: [
+                conv("conv1", 1, 32, 1)?,
+                conv("conv2", 32, 64, 2)?,
+                conv("conv3", 64, 128, 2)?,
+            ],
+            fc: Linear::new(vb.pp("fc"), 128 * 7 * 7, FEATURES)?,
+            out: Linear::new(vb.pp("out"), FEATURES, 10)?,
             store,
         })
     }
@@ -119,7 +74,10 @@ impl Classifier {
                 "the MNIST classifier takes [B, 1, 28, 28] images, got {dims:?}"
             )));
         }
-        let h = self.c3.forward(&self.c2.forward(&self.c1.forward(x)?)?)?;
+        let mut h = x.clone();
+        for conv in &self.convs {
+            h = conv.forward(&h)?.relu()?;
+        }
         let feats = self.fc.forward(&h.flatten_from(1)?)?.relu()?;
         let logits = self.out.forward(&feats)?;
         Ok((feats, logits))

@@ -215,6 +215,10 @@ pub struct TrainConfig {
     pub class_cond: bool,
     /// Seed for initialisation, data order, timesteps, noise and dropout.
     pub seed: u64,
+    /// The kernels the model runs (precision, kernel family). How this process computes, not
+    /// what the run is: never saved, so a resumed run takes the resuming process's choice.
+    #[serde(skip)]
+    pub kernels: ddpm_unet::KernelOptions,
 }
 
 impl Default for TrainConfig {
@@ -240,6 +244,7 @@ impl Default for TrainConfig {
             grad_clip: None,
             class_cond: false,
             seed: 0,
+            kernels: Default::default(),
         }
     }
 }

@@ -8,8 +8,8 @@ use crate::sampler::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
 use crate::settings::{DiffusionSettings, TrainConfig};
 use crate::{grid, Result, TrainError};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use ddpm_kernels::profile::{timed, OpClass};
 use ddpm_schedule::{randn, GaussianDiffusion, RngNoise};
-use ddpm_unet::ops::profile::{timed, OpClass};
 use ddpm_unet::{ParamStore, UNet, UNetConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -131,7 +131,7 @@ impl Trainer {
                 })?;
         }
         let store = ParamStore::new(cfg.seed, DType::F32, device);
-        let model = UNet::new(store.var_builder(), &model_cfg)?;
+        let model = UNet::with_kernels(store.var_builder(), &model_cfg, cfg.kernels)?;
         let params = store.vars();
         let opt = AdamW::new(
             params.clone(),
@@ -540,6 +540,7 @@ impl Trainer {
             self.cfg.sample_count,
             &self.cfg.sample_respacing,
             self.cfg.seed,
+            self.cfg.kernels,
             &self.device,
         )?;
         grid::save_grid_png(&x, path)
@@ -637,10 +638,11 @@ pub fn sample_images(
     n: usize,
     respacing: &str,
     seed: u64,
+    kernels: ddpm_unet::KernelOptions,
     device: &Device,
 ) -> Result<Tensor> {
     let store = ParamStore::new(0, DType::F32, device);
-    let model = UNet::new(store.var_builder(), model_cfg)?;
+    let model = UNet::with_kernels(store.var_builder(), model_cfg, kernels)?;
     store.set_tensors(weights)?;
     let diffusion = GaussianDiffusion::new(&settings.to_config(Some(respacing))?)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5A4D_504C_4553);

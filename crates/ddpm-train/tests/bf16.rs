@@ -1,18 +1,16 @@
 //! The bf16 convolutions against f32: the same training run, step for step, on real MNIST.
 //!
-//! Run for every bf16 kernel family this CPU has (AMX tiles, AVX512-BF16 vectors). In its own
-//! test binary: `set_precision` and `set_isa_limit` are process-wide and would change the
-//! convolutions of tests running beside it.
+//! Run for every bf16 kernel family this CPU has (AMX tiles, AVX512-BF16 vectors); the kernels
+//! are a value in each trainer's config, so the runs share one process.
 
 mod common;
 
 use candle_core::Device;
+use ddpm_kernels::{Isa, KernelChoice, KernelOptions, Precision};
 use ddpm_train::{DiffusionSettings, ImageDataset, Split, TrainConfig, Trainer};
-use ddpm_unet::ops::{Isa, Precision};
 use ddpm_unet::UNetConfig;
 
-fn losses(data: &ImageDataset, precision: Precision, steps: usize) -> Vec<f64> {
-    ddpm_unet::ops::set_precision(precision);
+fn losses(data: &ImageDataset, kernels: KernelOptions, steps: usize) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let model = UNetConfig {
         in_channels: 1,
@@ -36,6 +34,7 @@ fn losses(data: &ImageDataset, precision: Precision, steps: usize) -> Vec<f64> {
         ema_rate: vec![0.99],
         keep_checkpoints: 0,
         seed: 5,
+        kernels,
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(
@@ -47,9 +46,7 @@ fn losses(data: &ImageDataset, precision: Precision, steps: usize) -> Vec<f64> {
         &Device::Cpu,
     )
     .unwrap();
-    let l = (0..steps).map(|_| t.train_step().unwrap().loss).collect();
-    ddpm_unet::ops::set_precision(Precision::F32);
-    l
+    (0..steps).map(|_| t.train_step().unwrap().loss).collect()
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -69,11 +66,13 @@ fn mnist_bf16_training_follows_the_f32_loss_curve() {
         return;
     }
     let steps = 40;
-    let f32_losses = losses(&data, Precision::F32, steps);
+    let f32_losses = losses(&data, KernelOptions::default(), steps);
     for isa in families {
-        ddpm_unet::ops::set_isa_limit(Some(isa));
-        let bf16_losses = losses(&data, Precision::Bf16, steps);
-        ddpm_unet::ops::set_isa_limit(None);
+        let bf16 = KernelOptions {
+            precision: Precision::Bf16,
+            choice: KernelChoice::UpTo(isa),
+        };
+        let bf16_losses = losses(&data, bf16, steps);
         follows(&f32_losses, &bf16_losses, isa);
     }
 }

@@ -1,12 +1,22 @@
 //! The UNet's building blocks: ResBlock, AttentionBlock, Downsample, Upsample.
 
 use crate::config::NORM_GROUPS;
-use crate::nn::{Conv1x1, Conv2d, GroupNorm, Linear};
-use crate::ops;
+use crate::nn::{Conv1x1, Conv2d, Conv2dConfig, GroupNorm, Linear};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use ddpm_kernels::KernelOptions;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+/// A 3×3 convolution config (`padding` 1, `stride` given) on `kernels`.
+fn conv3(stride: usize, zero_init: bool, kernels: KernelOptions) -> Conv2dConfig {
+    Conv2dConfig {
+        stride,
+        padding: 1,
+        zero_init,
+        kernels,
+    }
+}
 
 /// Inverted dropout with a mask from our own seeded RNG (Candle's CPU RNG cannot be seeded).
 pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
@@ -47,37 +57,45 @@ impl ResBlock {
         out_channels: usize,
         dropout: f64,
         use_scale_shift_norm: bool,
+        kernels: KernelOptions,
     ) -> Result<Self> {
+        let k = kernels;
         let emb_out = if use_scale_shift_norm {
             2 * out_channels
         } else {
             out_channels
         };
         Ok(Self {
-            in_norm: GroupNorm::new(vb.pp("in_layers.0"), NORM_GROUPS, channels)?,
-            in_conv: Conv2d::new(vb.pp("in_layers.2"), channels, out_channels, 3, 1, 1, false)?,
+            in_norm: GroupNorm::new(vb.pp("in_layers.0"), NORM_GROUPS, channels, k)?,
+            in_conv: Conv2d::new(
+                vb.pp("in_layers.2"),
+                channels,
+                out_channels,
+                3,
+                conv3(1, false, k),
+            )?,
             emb_linear: Linear::new(vb.pp("emb_layers.1"), emb_channels, emb_out)?,
-            out_norm: GroupNorm::new(vb.pp("out_layers.0"), NORM_GROUPS, out_channels)?,
+            out_norm: GroupNorm::new(vb.pp("out_layers.0"), NORM_GROUPS, out_channels, k)?,
             out_conv: Conv2d::new(
                 vb.pp("out_layers.3"),
                 out_channels,
                 out_channels,
                 3,
-                1,
-                1,
-                true,
+                conv3(1, true, k),
             )?,
             skip: if out_channels == channels {
                 None
             } else {
+                let cfg = Conv2dConfig {
+                    kernels: k,
+                    ..Default::default()
+                };
                 Some(Conv2d::new(
                     vb.pp("skip_connection"),
                     channels,
                     out_channels,
                     1,
-                    1,
-                    0,
-                    false,
+                    cfg,
                 )?)
             },
             use_scale_shift_norm,
@@ -125,16 +143,24 @@ pub struct AttentionBlock {
     qkv: Conv1x1,
     proj_out: Conv1x1,
     num_heads: usize,
+    kernels: KernelOptions,
 }
 
 impl AttentionBlock {
     /// Builds `norm`, `qkv` and the zero-initialised `proj_out`.
-    pub fn new(vb: VarBuilder, channels: usize, num_heads: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        num_heads: usize,
+        kernels: KernelOptions,
+    ) -> Result<Self> {
+        let k = kernels;
         Ok(Self {
-            norm: GroupNorm::new(vb.pp("norm"), NORM_GROUPS, channels)?,
-            qkv: Conv1x1::new(vb.pp("qkv"), channels, 3 * channels, false)?,
-            proj_out: Conv1x1::new(vb.pp("proj_out"), channels, channels, true)?,
+            norm: GroupNorm::new(vb.pp("norm"), NORM_GROUPS, channels, k)?,
+            qkv: Conv1x1::new(vb.pp("qkv"), channels, 3 * channels, false, k)?,
+            proj_out: Conv1x1::new(vb.pp("proj_out"), channels, channels, true, k)?,
             num_heads,
+            kernels,
         })
     }
 
@@ -143,9 +169,11 @@ impl AttentionBlock {
         let (b, c, hh, ww) = x.dims4()?;
         let x = x.reshape((b, c, hh * ww))?;
         let qkv = self.qkv.forward(&self.norm.forward(&x, None, false)?)?;
-        let h = self
-            .proj_out
-            .forward(&ops::attention(&qkv, self.num_heads)?)?;
+        let h = self.proj_out.forward(&ddpm_kernels::attention(
+            &qkv,
+            self.num_heads,
+            &self.kernels,
+        )?)?;
         (x + h)?.reshape((b, c, hh, ww))
     }
 }
@@ -158,9 +186,9 @@ pub struct Downsample {
 
 impl Downsample {
     /// Builds `op`.
-    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, channels: usize, kernels: KernelOptions) -> Result<Self> {
         Ok(Self {
-            op: Conv2d::new(vb.pp("op"), channels, channels, 3, 2, 1, false)?,
+            op: Conv2d::new(vb.pp("op"), channels, channels, 3, conv3(2, false, kernels))?,
         })
     }
 
@@ -174,19 +202,28 @@ impl Downsample {
 #[derive(Debug, Clone)]
 pub struct Upsample {
     conv: Conv2d,
+    kernels: KernelOptions,
 }
 
 impl Upsample {
     /// Builds `conv`.
-    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, channels: usize, kernels: KernelOptions) -> Result<Self> {
         Ok(Self {
-            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1, false)?,
+            conv: Conv2d::new(
+                vb.pp("conv"),
+                channels,
+                channels,
+                3,
+                conv3(1, false, kernels),
+            )?,
+            kernels,
         })
     }
 
     /// Doubles the spatial size.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&ops::upsample_nearest2x(x)?)
+        self.conv
+            .forward(&ddpm_kernels::upsample_nearest2x(x, &self.kernels)?)
     }
 }
 

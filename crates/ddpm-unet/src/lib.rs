@@ -7,8 +7,9 @@
 //! arguments; [`ParamStore`] holds the trainable parameters, initialised from a seeded RNG the
 //! way PyTorch initialises them, and reads and writes safetensors files.
 //!
-//! The hot operations (convolution, GroupNorm with SiLU, attention) go through [`ops`], so faster
-//! kernels can replace them without touching the model code.
+//! The layers ([`nn`]) run the fast CPU kernels of [`ddpm_kernels`] with the
+//! [`KernelOptions`] the network was built with ([`UNet::with_kernels`]; [`UNet::new`] takes the
+//! defaults), so faster kernels replace them without touching the model code.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -34,11 +35,11 @@
 mod blocks;
 mod config;
 mod model;
-mod nn;
-pub mod ops;
+pub mod nn;
 mod params;
 
 pub use config::UNetConfig;
+pub use ddpm_kernels::{KernelChoice, KernelOptions, Precision};
 pub use model::{class_indices, UNet};
 pub use nn::timestep_embedding;
 pub use params::{read_safetensors, read_safetensors_any, write_safetensors, ParamStore};
@@ -132,6 +133,17 @@ fn describe_mismatch(
     }
     s.pop();
     s
+}
+
+/// A UNet error inside Candle's (the error of the diffusion closures and of
+/// [`ddpm_schedule::Denoiser`]): Candle's own errors pass through unchanged.
+impl From<UNetError> for candle_core::Error {
+    fn from(e: UNetError) -> Self {
+        match e {
+            UNetError::Candle(e) => e,
+            e => candle_core::Error::wrap(e),
+        }
+    }
 }
 
 /// Result type of this crate.

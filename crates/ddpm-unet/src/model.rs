@@ -4,10 +4,11 @@ use crate::blocks::{
     AttentionBlock, Downsample, Layer, ResBlock, TimestepEmbedSequential, Upsample,
 };
 use crate::config::NORM_GROUPS;
-use crate::nn::{timestep_embedding, Conv2d, Embedding, GroupNorm, Linear};
+use crate::nn::{timestep_embedding, Conv2d, Conv2dConfig, Embedding, GroupNorm, Linear};
 use crate::{Result, UNetConfig, UNetError};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
+use ddpm_kernels::KernelOptions;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Mutex;
@@ -28,9 +29,23 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Builds the network under `vb` with the original's parameter names.
+    /// Builds the network under `vb` with the original's parameter names, on the default
+    /// kernels (the CPU's best family, f32).
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        Self::with_kernels(vb, cfg, KernelOptions::default())
+    }
+
+    /// [`UNet::new`] on the given kernels: two networks built with different options run side
+    /// by side in one process, each on its own.
+    pub fn with_kernels(vb: VarBuilder, cfg: &UNetConfig, kernels: KernelOptions) -> Result<Self> {
         cfg.validate()?;
+        let k = kernels;
+        let conv3 = |zero_init| Conv2dConfig {
+            padding: 1,
+            zero_init,
+            kernels: k,
+            ..Default::default()
+        };
         let mc = cfg.model_channels;
         let ted = cfg.time_embed_dim();
         let time_embed = (
@@ -42,7 +57,15 @@ impl UNet {
             None => None,
         };
         let res = |vb: VarBuilder, c_in: usize, c_out: usize| {
-            ResBlock::new(vb, c_in, ted, c_out, cfg.dropout, cfg.use_scale_shift_norm)
+            ResBlock::new(
+                vb,
+                c_in,
+                ted,
+                c_out,
+                cfg.dropout,
+                cfg.use_scale_shift_norm,
+                k,
+            )
         };
 
         let vbi = vb.pp("input_blocks");
@@ -51,9 +74,7 @@ impl UNet {
             cfg.in_channels,
             mc,
             3,
-            1,
-            1,
-            false,
+            conv3(false),
         )?)])];
         let mut chans = vec![mc];
         let (mut ch, mut ds) = (mc, 1usize);
@@ -67,6 +88,7 @@ impl UNet {
                         vbb.pp(1),
                         ch,
                         cfg.num_heads,
+                        k,
                     )?));
                 }
                 input_blocks.push(TimestepEmbedSequential(layers));
@@ -77,6 +99,7 @@ impl UNet {
                 input_blocks.push(TimestepEmbedSequential(vec![Layer::Down(Downsample::new(
                     vbb.pp(0),
                     ch,
+                    k,
                 )?)]));
                 chans.push(ch);
                 ds *= 2;
@@ -86,7 +109,7 @@ impl UNet {
         let vbm = vb.pp("middle_block");
         let middle_block = TimestepEmbedSequential(vec![
             Layer::Res(res(vbm.pp(0), ch, ch)?),
-            Layer::Attention(AttentionBlock::new(vbm.pp(1), ch, cfg.num_heads)?),
+            Layer::Attention(AttentionBlock::new(vbm.pp(1), ch, cfg.num_heads, k)?),
             Layer::Res(res(vbm.pp(2), ch, ch)?),
         ]);
 
@@ -103,10 +126,11 @@ impl UNet {
                         vbb.pp(layers.len()),
                         ch,
                         cfg.num_heads,
+                        k,
                     )?));
                 }
                 if level > 0 && i == cfg.num_res_blocks {
-                    layers.push(Layer::Up(Upsample::new(vbb.pp(layers.len()), ch)?));
+                    layers.push(Layer::Up(Upsample::new(vbb.pp(layers.len()), ch, k)?));
                     ds /= 2;
                 }
                 output_blocks.push(TimestepEmbedSequential(layers));
@@ -119,8 +143,8 @@ impl UNet {
             input_blocks,
             middle_block,
             output_blocks,
-            out_norm: GroupNorm::new(vb.pp("out.0"), NORM_GROUPS, ch)?,
-            out_conv: Conv2d::new(vb.pp("out.2"), mc, cfg.out_channels, 3, 1, 1, true)?,
+            out_norm: GroupNorm::new(vb.pp("out.0"), NORM_GROUPS, ch, k)?,
+            out_conv: Conv2d::new(vb.pp("out.2"), mc, cfg.out_channels, 3, conv3(true))?,
             dtype: vb.dtype(),
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
         })
@@ -242,4 +266,16 @@ pub fn class_indices(labels: &Tensor, num_classes: usize) -> Result<Tensor> {
     }
     let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
     Ok(Tensor::from_vec(ids, labels.dims(), labels.device())?)
+}
+
+impl ddpm_schedule::Denoiser for UNet {
+    fn denoise(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        y: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        Ok(self.forward(x_t, t, y, train)?)
+    }
 }

@@ -1,8 +1,28 @@
-//! Layers with PyTorch's parameter names, shapes and default initialisation.
+//! The UNet's layers, with PyTorch's parameter names, shapes and default initialisation.
+//!
+//! Each layer follows candle-nn's pattern (`new(vb, ...)` creating its parameters under `vb`,
+//! then `forward`); the convolutions and GroupNorm run the fast kernels of [`ddpm_kernels`] with
+//! the [`KernelOptions`] they were built with. Other networks (the MNIST classifier of
+//! ddpm-train, a researcher's own denoiser) use them as they are.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use ddpm_unet::nn::{Conv2d, Conv2dConfig, GroupNorm};
+//! use ddpm_unet::ParamStore;
+//!
+//! let params = ParamStore::new(0, DType::F32, &Device::Cpu);
+//! let vb = params.var_builder();
+//! let conv = Conv2d::new(vb.pp("conv"), 1, 32, 3, Conv2dConfig { padding: 1, ..Default::default() })?;
+//! let norm = GroupNorm::new(vb.pp("norm"), 32, 32, Default::default())?;
+//! let x = Tensor::zeros((4, 1, 28, 28), DType::F32, &Device::Cpu)?;
+//! let h = norm.forward(&conv.forward(&x)?, None, true)?;
+//! assert_eq!(h.dims(), [4, 32, 28, 28]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
-use crate::ops;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use ddpm_kernels::KernelOptions;
 
 /// PyTorch's default bias initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 fn bias_init(fan_in: usize) -> Init {
@@ -43,26 +63,48 @@ impl Linear {
     }
 }
 
+/// How a [`Conv2d`] is built and computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conv2dConfig {
+    /// Stride (1 or 2 in the UNet).
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Zero weights and bias (the original's `zero_module`) instead of PyTorch's default.
+    pub zero_init: bool,
+    /// The kernels the convolution runs.
+    pub kernels: KernelOptions,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            zero_init: false,
+            kernels: KernelOptions::default(),
+        }
+    }
+}
+
 /// `nn.Conv2d` (square kernel, weight [out, in, k, k]).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
-    stride: usize,
-    padding: usize,
+    cfg: Conv2dConfig,
 }
 
 impl Conv2d {
-    /// Creates the layer; `zero` gives the original's `zero_module` initialisation.
+    /// Creates `weight` [c_out, c_in, k, k] and `bias` [c_out] under `vb`.
     pub fn new(
         vb: VarBuilder,
         c_in: usize,
         c_out: usize,
         k: usize,
-        stride: usize,
-        padding: usize,
-        zero: bool,
+        cfg: Conv2dConfig,
     ) -> Result<Self> {
+        let zero = cfg.zero_init;
         let fan_in = c_in * k * k;
         let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", weight_init(zero))?;
         let bias = vb.get_with_hints(
@@ -74,17 +116,13 @@ impl Conv2d {
                 bias_init(fan_in)
             },
         )?;
-        Ok(Self {
-            weight,
-            bias,
-            stride,
-            padding,
-        })
+        Ok(Self { weight, bias, cfg })
     }
 
     /// Applies the convolution to [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+        let c = &self.cfg;
+        ddpm_kernels::conv2d(x, &self.weight, &self.bias, c.stride, c.padding, &c.kernels)
     }
 }
 
@@ -93,11 +131,19 @@ impl Conv2d {
 pub struct Conv1x1 {
     weight: Tensor,
     bias: Tensor,
+    kernels: KernelOptions,
 }
 
 impl Conv1x1 {
-    /// Creates the layer; `zero` gives the original's `zero_module` initialisation.
-    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, zero: bool) -> Result<Self> {
+    /// Creates `weight` [c_out, c_in, 1] and `bias` [c_out] under `vb`; `zero` gives the
+    /// original's `zero_module` initialisation.
+    pub fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        zero: bool,
+        kernels: KernelOptions,
+    ) -> Result<Self> {
         let weight = vb.get_with_hints((c_out, c_in, 1), "weight", weight_init(zero))?;
         let bias = vb.get_with_hints(
             c_out,
@@ -108,21 +154,27 @@ impl Conv1x1 {
                 bias_init(c_in)
             },
         )?;
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            kernels,
+        })
     }
 
     /// Applies the layer to [B, C, T].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv1x1(x, &self.weight, &self.bias)
+        ddpm_kernels::conv1x1(x, &self.weight, &self.bias, &self.kernels)
     }
 }
 
-/// `GroupNorm32`: GroupNorm over 32 groups, eps 1e-5, computed in f32 or wider.
+/// GroupNorm (the UNet's `GroupNorm32` with 32 groups), eps 1e-5, fused with the FiLM
+/// scale-shift and SiLU that follow it in the model.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
+    kernels: KernelOptions,
 }
 
 /// GroupNorm's epsilon (PyTorch's default).
@@ -130,13 +182,19 @@ pub const GROUP_NORM_EPS: f64 = 1e-5;
 
 impl GroupNorm {
     /// Creates `weight` (ones) and `bias` (zeros) for `channels`.
-    pub fn new(vb: VarBuilder, groups: usize, channels: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        groups: usize,
+        channels: usize,
+        kernels: KernelOptions,
+    ) -> Result<Self> {
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
         Ok(Self {
             weight,
             bias,
             groups,
+            kernels,
         })
     }
 
@@ -147,7 +205,7 @@ impl GroupNorm {
         scale_shift: Option<(&Tensor, &Tensor)>,
         silu: bool,
     ) -> Result<Tensor> {
-        ops::group_norm(
+        ddpm_kernels::group_norm(
             x,
             self.groups,
             &self.weight,
@@ -155,6 +213,7 @@ impl GroupNorm {
             GROUP_NORM_EPS,
             scale_shift,
             silu,
+            &self.kernels,
         )
     }
 }

@@ -355,3 +355,63 @@ fn gradients_reach_every_parameter() {
         assert_eq!(g.dims(), var.dims());
     }
 }
+
+/// Three networks with the same weights built on different kernels live in one process, used in
+/// turn: each gives its own result, and none changes what another computes.
+#[test]
+fn networks_on_different_kernels_share_a_process() {
+    use ddpm_unet::{KernelChoice, KernelOptions, Precision};
+    let cfg = small_cfg();
+    let (store, _) = build(&cfg, 4);
+    perturb(&store, 4);
+    let weights = store.tensors().unwrap();
+    let on = |kernels: KernelOptions| {
+        let s = ParamStore::new(0, DType::F32, &Device::Cpu);
+        let m = UNet::with_kernels(s.var_builder(), &cfg, kernels).unwrap();
+        s.set_tensors(&weights).unwrap();
+        (s, m)
+    };
+    let (_s1, fast) = on(KernelOptions::default());
+    let (_s2, low) = on(KernelOptions::with_precision(Precision::Bf16));
+    let (_s3, plain) = on(KernelOptions {
+        choice: KernelChoice::Plain,
+        ..Default::default()
+    });
+    let (x, t) = inputs(2);
+    let run = |m: &UNet| m.forward(&x, &t, None, false).unwrap();
+    let f1 = run(&fast);
+    let b1 = run(&low);
+    let p1 = run(&plain);
+    let f2 = run(&fast);
+    let b2 = run(&low);
+    let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
+    assert_eq!(
+        diff(&f1, &f2),
+        0.0,
+        "f32 network changed after the others ran"
+    );
+    assert_eq!(
+        diff(&b1, &b2),
+        0.0,
+        "bf16 network changed after the others ran"
+    );
+    let scale = max_abs(&p1);
+    assert!(scale > 0.01, "output is not trivially zero: {scale}");
+    assert!(
+        diff(&f1, &p1) < 1e-4 * scale,
+        "fast kernels against plain Candle"
+    );
+    if KernelOptions::with_precision(Precision::Bf16).bf16_convolutions() {
+        let d = diff(&b1, &f1);
+        assert!(
+            d > 1e-6 * scale && d < 0.05 * scale,
+            "bf16 against f32: {d} (scale {scale})"
+        );
+    } else {
+        assert_eq!(
+            diff(&b1, &f1),
+            0.0,
+            "no bf16 kernels here: bf16 asks for f32"
+        );
+    }
+}

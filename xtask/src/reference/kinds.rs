@@ -358,7 +358,9 @@ fn unet_forward(case: &Case) -> Result<()> {
     let want = values(&want)?;
     for (dtype, label) in PRECISIONS {
         let store = ddpm_unet::ParamStore::new(0, dtype, &Device::Cpu);
-        let model = ddpm_unet::UNet::new(store.var_builder(), &cfg)?;
+        // The kernels `DDPM_ISA` / `DDPM_PLAIN_OPS` choose: CI checks every family.
+        let kernels = ddpm_kernels::KernelOptions::default().with_env_overrides()?;
+        let model = ddpm_unet::UNet::with_kernels(store.var_builder(), &cfg, kernels)?;
         store.set_tensors(&tensors)?;
         anyhow::ensure!(
             store.num_parameters() == num_parameters,

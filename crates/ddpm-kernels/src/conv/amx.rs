@@ -506,7 +506,7 @@ pub(crate) mod stage {
             }
             for c in 0..cout {
                 let src = &dy[(img * cout + c) * hw..][..hw];
-                db[c] += super::super::cpu::sum(src) as f32;
+                db[c] += super::super::sum(src) as f32;
                 // SAFETY: the u16 view of row c of dy16 ([cout, len/2] words) is aligned and
                 // in bounds; x86 is little-endian, so position 2k is word k's low half.
                 let r16 = unsafe {

@@ -6,12 +6,15 @@
 //! two sums per channel. The per-group loops are compiled again for AVX-512 and for AVX2 + FMA
 //! and picked by the op's kernel family (the crates are built for baseline x86-64).
 
-use super::cpu::slice;
-use super::profile::{timed, OpClass};
-use super::Isa;
+use crate::conv::slice;
+use crate::profile::{timed, OpClass};
+use crate::Isa;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 /// Fused GroupNorm (+ scale-shift) (+ SiLU). `params` packs [gamma; beta] and, when present,
 /// [scale; shift] per batch element: [2C + B·2C].
@@ -100,10 +103,10 @@ impl GroupNorm {
                 #[cfg(target_arch = "x86_64")]
                 if self.isa >= Isa::Avx512 {
                     // SAFETY: the CPU has AVX-512 (Kernels never exceed the CPU's family).
-                    done = unsafe { super::simd::silu_affine(orow, xrow, a, sh0) };
+                    done = unsafe { self::simd::silu_affine(orow, xrow, a, sh0) };
                 } else if self.isa == Isa::Avx2 {
                     // SAFETY: the CPU has AVX2 and FMA, as above.
-                    done = unsafe { super::simd::silu_affine_avx2(orow, xrow, a, sh0) };
+                    done = unsafe { self::simd::silu_affine_avx2(orow, xrow, a, sh0) };
                 }
                 for (ov, &xv) in orow[done..].iter_mut().zip(&xrow[done..]) {
                     let z = xv * a + sh0;
@@ -156,12 +159,12 @@ impl GroupNorm {
             if silu && self.isa >= Isa::Avx512 {
                 // SAFETY: the CPU has the features `simd` needs.
                 let (s, sx, done) =
-                    unsafe { super::simd::silu_backward(dzs, xs, ds, mean, rstd, a, z0) };
+                    unsafe { self::simd::silu_backward(dzs, xs, ds, mean, rstd, a, z0) };
                 (sdz[0], sdzx[0], start) = (s, sx, done);
             } else if silu && self.isa == Isa::Avx2 {
                 // SAFETY: the CPU has AVX2 and FMA (an op's family never exceeds the CPU's).
                 let (s, sx, done) =
-                    unsafe { super::simd::silu_backward_avx2(dzs, xs, ds, mean, rstd, a, z0) };
+                    unsafe { self::simd::silu_backward_avx2(dzs, xs, ds, mean, rstd, a, z0) };
                 (sdz[0], sdzx[0], start) = (s, sx, done);
             }
             // Whole vectors of 16 (so the loop vectorises), then the rest.
@@ -194,7 +197,7 @@ impl GroupNorm {
             sum2 += (a * sdzx) as f64;
         }
         // SAFETY: pass 1 wrote every element of the group.
-        let dxg = unsafe { super::assume_init_mut(dxg) };
+        let dxg = unsafe { crate::assume_init_mut(dxg) };
         // Pass 2: dx = rstd·(a·dz - mean(dx̂) - x̂·mean(dx̂·x̂)).
         let n = gsize as f64;
         let (m1, m2) = ((sum1 / n) as f32, (sum2 / n) as f32);
@@ -247,17 +250,17 @@ fn sigmoid(z: f32) -> f32 {
 }
 
 /// Σ(x - k) and Σ(x - k)²: with AVX-512 in f32 lanes of at most 64 values added up in f64
-/// ([`super::simd::shifted_sums`]), elsewhere in f64 throughout.
+/// ([`self::simd::shifted_sums`]), elsewhere in f64 throughout.
 fn shifted_sums(xg: &[f32], k: f32, isa: Isa) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512 {
         // SAFETY: the CPU has AVX-512 (an op's family never exceeds the CPU's).
-        return unsafe { super::simd::shifted_sums(xg, k) };
+        return unsafe { self::simd::shifted_sums(xg, k) };
     }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: the CPU has AVX2 and FMA, as above.
-        return unsafe { super::simd::shifted_sums_avx2(xg, k) };
+        return unsafe { self::simd::shifted_sums_avx2(xg, k) };
     }
     let (mut t1, mut t2) = (0f64, 0f64);
     for &v in xg {
@@ -348,7 +351,7 @@ impl CustomOp2 for GroupNorm {
         );
         let d = self.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
-        let mut out = super::output_buffer(x.len());
+        let mut out = crate::output_buffer(x.len());
         out.par_chunks_mut(gsize)
             .zip(x.par_chunks(gsize))
             .enumerate()
@@ -367,7 +370,7 @@ impl CustomOp2 for GroupNorm {
                 self.forward_group(p, &d, i, o, xg)
             });
         // SAFETY: forward_group wrote every element of every group.
-        let out = unsafe { super::assume_init(out) };
+        let out = unsafe { crate::assume_init(out) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -413,7 +416,7 @@ impl CustomOp3 for GroupNormBackward {
         );
         let d = op.dims(l1.dims(), p.len())?;
         let gsize = d.cg * d.t;
-        let mut dx = super::output_buffer(x.len());
+        let mut dx = crate::output_buffer(x.len());
         // Room for the parameter gradients appended below, so that appending does not copy dx.
         dx.reserve_exact(p.len());
         // Per group: partial d(gamma), d(beta) for its channels, and d(scale), d(shift).
@@ -458,38 +461,17 @@ impl CustomOp3 for GroupNormBackward {
             }
         }
         // SAFETY: backward_group wrote every element of every group.
-        let mut dx = unsafe { super::assume_init(dx) };
+        let mut dx = unsafe { crate::assume_init(dx) };
         dx.extend_from_slice(&dp);
         let n = dx.len();
         Ok((CpuStorage::F32(dx), Shape::from(n)))
     }
 }
 
-/// GroupNorm (+ scale-shift) (+ SiLU) through the fused kernel.
-pub fn group_norm(
-    x: &Tensor,
-    groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    scale_shift: Option<(&Tensor, &Tensor)>,
-    silu: bool,
-) -> Result<Tensor> {
-    group_norm_with(
-        x,
-        groups,
-        weight,
-        bias,
-        eps,
-        scale_shift,
-        silu,
-        super::isa(),
-    )
-}
-
-/// [`group_norm`] with the given kernel family (capped at the CPU's; tests compare them).
+/// GroupNorm (+ scale-shift) (+ SiLU) through the fused kernel of family `isa` (capped at the
+/// CPU's).
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm_with(
+pub fn group_norm(
     x: &Tensor,
     groups: usize,
     weight: &Tensor,

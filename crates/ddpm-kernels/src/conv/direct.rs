@@ -9,13 +9,13 @@
 //! bf16 kernels ([`super::bf16`]) run on a zero-padded grid (`Grid`: positions y·(W+2) + x,
 //! two computed-and-dropped columns per row), where every tap is a plain load.
 
-use super::Kernels;
+use crate::Kernels;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Whether this CPU runs these kernels (AVX-512 F and VL).
 pub fn available() -> bool {
-    super::Isa::detected() >= super::Isa::Avx512
+    crate::Isa::detected() >= crate::Isa::Avx512
 }
 
 pub(crate) const LANES: usize = 16;
@@ -156,7 +156,7 @@ fn conv_bf16(
     } else {
         super::bf16::pack_weights(wt, cin, cout)
     };
-    let mut out = super::output_buffer(b * cout * h * w);
+    let mut out = crate::output_buffer(b * cout * h * w);
     out.par_chunks_mut(cout * h * w)
         .enumerate()
         .for_each(|(i, o)| {
@@ -197,7 +197,7 @@ fn conv_bf16(
             })
         });
     // SAFETY: drop_padding wrote every element of every image.
-    unsafe { super::assume_init(out) }
+    unsafe { crate::assume_init(out) }
 }
 
 /// The AVX2 + FMA kernel over a batch: y [B, Cout, H, W] = conv3x3(x) with weights in
@@ -210,7 +210,7 @@ fn conv_avx2(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let g = Grid::new(h, w, LANES);
-    let mut out = super::output_buffer(b * cout * h * w);
+    let mut out = crate::output_buffer(b * cout * h * w);
     out.par_chunks_mut(cout * h * w)
         .enumerate()
         .for_each(|(i, o)| {
@@ -233,7 +233,7 @@ fn conv_avx2(
             })
         });
     // SAFETY: drop_padding wrote every element of every image.
-    unsafe { super::assume_init(out) }
+    unsafe { crate::assume_init(out) }
 }
 
 /// 3×3 convolution, stride 1, padding 1: x [B, Cin, H, W], weight [Cout, Cin, 3, 3]; at bf16
@@ -257,7 +257,7 @@ pub fn forward(
             }
         }
     }
-    if kernels.isa == super::Isa::Avx2 {
+    if kernels.isa == crate::Isa::Avx2 {
         conv_avx2(x, dims, &wt, cout, Some(bias))
     } else if kernels.bf16_vectors() {
         conv_bf16(x, dims, &wt, cout, Some(bias), kernels.amx())
@@ -285,7 +285,7 @@ pub fn backward_input(
             }
         }
     }
-    if kernels.isa == super::Isa::Avx2 {
+    if kernels.isa == crate::Isa::Avx2 {
         conv_avx2(dy, (b, cout, h, w), &wt, cin, None)
     } else if kernels.bf16_vectors() {
         conv_bf16(dy, (b, cout, h, w), &wt, cin, None, kernels.amx())
@@ -307,7 +307,7 @@ pub fn backward_weight(
 ) -> Vec<f32> {
     assert!(kernels.direct(), "the direct kernels need AVX2");
     // AVX2: f32 rows on the padded grid, 8 positions a step; bf16: 32 positions a step.
-    let avx2 = kernels.isa == super::Isa::Avx2;
+    let avx2 = kernels.isa == crate::Isa::Avx2;
     if !avx2 && !kernels.bf16_vectors() {
         return super::flat::weight_grad(dy, x, (b, cin, h, w), cout);
     }
@@ -323,7 +323,7 @@ pub fn backward_weight(
     let stride = (h + 1) * g.wp;
     let chunk = (384 * 1024 / (cout * stride * 4)).clamp(1, 16);
     let nw = cout * cin * 9;
-    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+    super::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
         let (mut padded, mut dyq) = (Vec::new(), Vec::new());
         let (mut padded16, mut dyq16) = (Vec::new(), Vec::<u16>::new());
@@ -354,7 +354,7 @@ pub fn backward_weight(
                 for c in 0..cout {
                     let src = &dy[(img * cout + c) * hw..][..hw];
                     g.put_rows(src, &mut dyq[c * len + j * stride..]);
-                    db[c] += super::cpu::sum(src) as f32;
+                    db[c] += super::sum(src) as f32;
                 }
             }
             if avx2 {
@@ -399,7 +399,7 @@ fn weight_grad_amx(
     let stride = (h + 1) * g.wp;
     let chunk = (384 * 1024 / (cout * stride * 4)).clamp(1, 16);
     let nw = cout * cin * 9;
-    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+    super::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
         let (mut x16, mut dy16, mut dyv) = (Vec::<u16>::new(), Vec::<u32>::new(), Vec::new());
         let mut i0 = images.start;

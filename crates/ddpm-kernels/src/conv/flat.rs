@@ -106,7 +106,7 @@ pub(crate) fn conv(
     let f = Flat::new(h, w, k, QV * LANES);
     let masks = f.masks(f.q);
     let (img_in, img_out) = (cin * h * w, cout * h * w);
-    let mut out = super::output_buffer(b * img_out);
+    let mut out = crate::output_buffer(b * img_out);
     out.par_chunks_mut(k * img_out)
         .enumerate()
         .for_each(|(t, o)| {
@@ -126,7 +126,7 @@ pub(crate) fn conv(
             })
         });
     // SAFETY: unstage wrote every element of every image.
-    unsafe { super::assume_init(out) }
+    unsafe { crate::assume_init(out) }
 }
 
 /// The weight and bias gradients packed as [dW; db] (see [`super::direct::backward_weight`]).
@@ -147,7 +147,7 @@ pub(crate) fn weight_grad(
     let masks = f.masks(f.q);
     let nw = cout * cin * 9;
     let hw = h * w;
-    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+    super::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
         let (mut staged, mut dyq) = (Vec::new(), Vec::new());
         let mut last_n = 0;
@@ -176,7 +176,7 @@ pub(crate) fn weight_grad(
                 for c in 0..cout {
                     let src = &dy[((i0 + j) * cout + c) * hw..][..hw];
                     dyq[c * len + j * stride..][..hw].copy_from_slice(src);
-                    db[c] += super::cpu::sum(src) as f32;
+                    db[c] += super::sum(src) as f32;
                 }
             }
             // SAFETY: available() was checked by the caller; weight_grad calls the kernel only

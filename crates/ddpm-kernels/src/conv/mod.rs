@@ -1,20 +1,28 @@
-//! Fast f32 CPU convolution and upsampling for the UNet, as Candle custom ops with their own
+//! Fast f32 CPU convolutions for the UNet, as Candle custom ops with their own
 //! backward passes.
 //!
-//! 3×3 stride-1 convolutions go to the direct kernels ([`super::direct`]) where the CPU has
+//! 3×3 stride-1 convolutions go to the direct kernels ([`self::direct`]) where the CPU has
 //! AVX-512; the others (and all of them elsewhere) are im2col + `gemm`, one image per task on
 //! rayon's pool (each GEMM single-threaded), with the input gradient (`Wᵀ·dY`, then col2im), the
 //! weight gradient (`dY·colsᵀ` summed over the batch) and the bias gradient computed directly
 //! rather than through transposed convolutions and multi-axis reductions. Everything is NCHW
 //! and contiguous.
 
-use super::profile::{timed, OpClass};
-use super::Kernels;
+use crate::profile::{timed, OpClass};
+use crate::Kernels;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
+pub mod amx;
+mod avx2;
+pub mod bf16;
+pub mod direct;
+mod flat;
+mod pointwise;
+
+/// The f32 contents of a contiguous CPU tensor's storage.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{what}: the fast CPU kernels take f32")
@@ -110,7 +118,7 @@ impl ConvGeom {
             wo,
         })
     }
-    /// Whether the direct 3×3 kernels ([`super::direct`]) take this convolution.
+    /// Whether the direct 3×3 kernels ([`self::direct`]) take this convolution.
     fn direct(&self, kernels: Kernels) -> bool {
         self.k == 3 && self.stride == 1 && self.pad == 1 && kernels.direct()
     }
@@ -128,7 +136,7 @@ impl ConvGeom {
             && self.stride == 2
             && self.pad == 1
             && kernels.amx()
-            && super::amx::fits(self.c_in, self.c_out)
+            && self::amx::fits(self.c_in, self.c_out)
     }
 
     /// A 1×1, stride-1, unpadded convolution needs no im2col: the image is its own column matrix.
@@ -249,14 +257,13 @@ impl CustomOp3 for Conv2d {
         );
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         if g.direct(self.kernels) {
-            let out =
-                super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
+            let out = self::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
         if g.strided_on_tiles(self.kernels) {
             let full =
-                super::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
-            let mut out = super::output_buffer(g.b * co * n);
+                self::direct::forward(x, (g.b, g.c_in, g.h, g.w), wt, co, bias, self.kernels);
+            let mut out = crate::output_buffer(g.b * co * n);
             out.par_chunks_mut(n)
                 .zip(full.par_chunks(g.h * g.w))
                 .for_each(|(o, f)| {
@@ -267,26 +274,26 @@ impl CustomOp3 for Conv2d {
                     }
                 });
             // SAFETY: every output position was written above.
-            let out = unsafe { super::assume_init(out) };
+            let out = unsafe { crate::assume_init(out) };
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
-        if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
+        if g.pointwise() && self.kernels.isa >= crate::Isa::Avx512 {
             let mut wt_t = vec![0f32; g.c_in * co];
             for (o, row) in wt.chunks_exact(g.c_in).enumerate() {
                 for (i, &v) in row.iter().enumerate() {
                     wt_t[i * co + o] = v;
                 }
             }
-            let out = if self.kernels.amx() && super::amx::fits(g.c_in, co) {
-                super::pointwise::forward(x, (g.b, g.c_in, n), &wt_t, co, Some(bias))
+            let out = if self.kernels.amx() && self::amx::fits(g.c_in, co) {
+                self::pointwise::forward(x, (g.b, g.c_in, n), &wt_t, co, Some(bias))
             } else {
-                super::pointwise::forward_f32(x, (g.b, g.c_in, n), &wt_t, co, Some(bias))
+                self::pointwise::forward_f32(x, (g.b, g.c_in, n), &wt_t, co, Some(bias))
             };
             return Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))));
         }
         let img = g.c_in * g.h * g.w;
         // Each row is filled with its bias before the GEMM adds to it.
-        let mut out = super::output_buffer(g.b * co * n);
+        let mut out = crate::output_buffer(g.b * co * n);
         out.par_chunks_mut(co * n).enumerate().for_each_init(
             || vec![0f32; if g.pointwise() { 0 } else { kk * n }],
             |cols, (b, o)| {
@@ -303,7 +310,7 @@ impl CustomOp3 for Conv2d {
                     });
                 }
                 // SAFETY: every row was just filled.
-                let o = unsafe { super::assume_init_mut(o) };
+                let o = unsafe { crate::assume_init_mut(o) };
                 matmul(
                     co,
                     n,
@@ -318,7 +325,7 @@ impl CustomOp3 for Conv2d {
             },
         );
         // SAFETY: every row of every image was filled above.
-        let out = unsafe { super::assume_init(out) };
+        let out = unsafe { crate::assume_init(out) };
         Ok((CpuStorage::F32(out), Shape::from((g.b, co, g.ho, g.wo))))
     }
 
@@ -416,16 +423,16 @@ impl CustomOp2 for Conv2dBackwardInput {
         let (kk, n, co) = (g.kk(), g.n(), g.c_out);
         if g.direct(self.kernels) {
             let dx =
-                super::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
+                self::direct::backward_input(dy, (g.b, co, g.h, g.w), wt, g.c_in, self.kernels);
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
-        if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
+        if g.pointwise() && self.kernels.isa >= crate::Isa::Avx512 {
             // dX = Wᵀ·dY: the weight [Cout, Cin] is already in the [Cin', Cout'] order the
             // kernels take for Cin' = Cout, Cout' = Cin.
-            let dx = if self.kernels.amx() && super::amx::fits(co, g.c_in) {
-                super::pointwise::forward(dy, (g.b, co, n), wt, g.c_in, None)
+            let dx = if self.kernels.amx() && self::amx::fits(co, g.c_in) {
+                self::pointwise::forward(dy, (g.b, co, n), wt, g.c_in, None)
             } else {
-                super::pointwise::forward_f32(dy, (g.b, co, n), wt, g.c_in, None)
+                self::pointwise::forward_f32(dy, (g.b, co, n), wt, g.c_in, None)
             };
             return Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c_in, g.h, g.w))));
         }
@@ -572,14 +579,14 @@ impl CustomOp2 for Conv2dBackwardWeight {
         let (dy, x) = (slice(s1, l1, "conv2d grad")?, slice(s2, l2, "conv2d x")?);
         let dw = if g.direct(self.kernels) {
             // Already [dW; db].
-            super::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
+            self::direct::backward_weight(dy, x, (g.b, g.c_in, g.h, g.w), g.c_out, self.kernels)
         } else if g.pointwise()
             && self.kernels.amx()
-            && super::amx::fits_weight_grad(g.c_in, g.c_out)
+            && self::amx::fits_weight_grad(g.c_in, g.c_out)
         {
-            super::pointwise::weight_grad(dy, x, (g.b, g.c_in, g.n()), g.c_out)
-        } else if g.pointwise() && self.kernels.isa >= super::Isa::Avx512 {
-            super::pointwise::weight_grad_f32(dy, x, (g.b, g.c_in, g.n()), g.c_out)
+            self::pointwise::weight_grad(dy, x, (g.b, g.c_in, g.n()), g.c_out)
+        } else if g.pointwise() && self.kernels.isa >= crate::Isa::Avx512 {
+            self::pointwise::weight_grad_f32(dy, x, (g.b, g.c_in, g.n()), g.c_out)
         } else {
             let mut dw = weight_grad_im2col(&g, dy, x);
             dw.extend_from_slice(&bias_grad(dy, g.c_out, g.n()));
@@ -590,19 +597,8 @@ impl CustomOp2 for Conv2dBackwardWeight {
     }
 }
 
-/// Convolution through the fast kernels (inputs are made contiguous first).
+/// Convolution through the fast kernels of `kernels` (inputs are made contiguous first).
 pub fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    conv2d_with(x, weight, bias, stride, padding, Kernels::current())
-}
-
-/// [`conv2d`] with the given kernel family and precision (tests compare them).
-pub fn conv2d_with(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -650,72 +646,4 @@ impl CustomOp1 for SpreadGrad {
             });
         Ok((CpuStorage::F32(full), Shape::from((b, c, h, w))))
     }
-}
-
-/// Nearest ×2 upsampling.
-struct Upsample2x;
-
-impl CustomOp1 for Upsample2x {
-    fn name(&self) -> &'static str {
-        "ddpm-upsample2x"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "upsample x")?;
-        let &[b, c, h, w] = l.dims() else {
-            bail!("upsample: expected [B, C, H, W]")
-        };
-        // Every output position is written.
-        let mut out = super::output_buffer(b * c * 4 * h * w);
-        out.par_chunks_mut(4 * h * w)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(o, xi)| {
-                for y in 0..2 * h {
-                    let src = &xi[(y / 2) * w..(y / 2 + 1) * w];
-                    for (xx, v) in o[y * 2 * w..(y + 1) * 2 * w].iter_mut().enumerate() {
-                        v.write(src[xx / 2]);
-                    }
-                }
-            });
-        // SAFETY: every output position was written.
-        let out = unsafe { super::assume_init(out) };
-        Ok((CpuStorage::F32(out), Shape::from((b, c, 2 * h, 2 * w))))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SumPool2x)?))
-    }
-}
-
-/// Sums each 2×2 block: the adjoint of nearest ×2 upsampling.
-struct SumPool2x;
-
-impl CustomOp1 for SumPool2x {
-    fn name(&self) -> &'static str {
-        "ddpm-sumpool2x"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = slice(s, l, "upsample grad")?;
-        let &[b, c, h2, w2] = l.dims() else {
-            bail!("sumpool: expected [B, C, H, W]")
-        };
-        let (h, w) = (h2 / 2, w2 / 2);
-        let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(h * w)
-            .zip(g.par_chunks(h2 * w2))
-            .for_each(|(o, gi)| {
-                for y in 0..h2 {
-                    for x in 0..w2 {
-                        o[(y / 2) * w + x / 2] += gi[y * w2 + x];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
-    }
-}
-
-/// Nearest ×2 upsampling through the fast kernel.
-pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Upsample2x)
 }

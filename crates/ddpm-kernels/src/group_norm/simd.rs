@@ -1,6 +1,6 @@
 //! AVX-512 (and AVX2 + FMA) row kernels for GroupNorm's element-wise passes, written with intrinsics where LLVM
 //! left the portable loops slow: lane-array sums stayed scalar, and SiLU's sigmoid divided
-//! (`vdivps` on 16 lanes took a third of the forward pass). Callers check the op's [`super::Isa`] and
+//! (`vdivps` on 16 lanes took a third of the forward pass). Callers check the op's [`crate::Isa`] and
 //! keep a portable loop for other CPUs; the results agree with it to a few ulp.
 
 #![cfg(target_arch = "x86_64")]

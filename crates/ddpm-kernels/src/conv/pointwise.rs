@@ -79,7 +79,7 @@ pub(crate) fn forward(
     let wa = super::amx::pack_weights(wt, cin, 1, cout);
     let k = stack(n);
     let q = (k * n).div_ceil(32) * 32;
-    let mut out = super::output_buffer(b * cout * n);
+    let mut out = crate::output_buffer(b * cout * n);
     out.par_chunks_mut(k * cout * n)
         .enumerate()
         .for_each(|(t, o)| {
@@ -103,7 +103,7 @@ pub(crate) fn forward(
             })
         });
     // SAFETY: every element of every image was written above.
-    unsafe { super::assume_init(out) }
+    unsafe { crate::assume_init(out) }
 }
 
 /// [dW; db] for y = W · x: dW [Cout, Cin] = Σ over images and positions of dY ⊗ x (products of
@@ -120,7 +120,7 @@ pub(crate) fn weight_grad(
     let k = stack(n);
     let len = (k * n).div_ceil(32) * 32;
     let nw = cout * cin;
-    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+    super::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
         let half = len / 2;
         let (mut x16, mut dy16) = (vec![0u16; cin * len], vec![0u32; half * cout]);
@@ -144,7 +144,7 @@ pub(crate) fn weight_grad(
                 }
                 for c in 0..cout {
                     let src = &dy[(img * cout + c) * n..][..n];
-                    db[c] += super::cpu::sum(src) as f32;
+                    db[c] += super::sum(src) as f32;
                     // SAFETY: the u16 view of row c of dy16 ([cout, len/2] words) is aligned
                     // and in bounds; x86 is little-endian, so position 2k is word k's low half.
                     let r16 = unsafe {
@@ -195,10 +195,10 @@ pub(crate) fn forward_f32(
     cout: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    assert!(super::Isa::detected() >= super::Isa::Avx512);
+    assert!(crate::Isa::detected() >= crate::Isa::Avx512);
     let k = stack(n);
     let q = (k * n).div_ceil(32) * 32;
-    let mut out = super::output_buffer(b * cout * n);
+    let mut out = crate::output_buffer(b * cout * n);
     out.par_chunks_mut(k * cout * n)
         .enumerate()
         .for_each(|(t, o)| {
@@ -217,7 +217,7 @@ pub(crate) fn forward_f32(
             })
         });
     // SAFETY: every element of every image was written above.
-    unsafe { super::assume_init(out) }
+    unsafe { crate::assume_init(out) }
 }
 
 /// [dW; db] for y = W · x in f32 on AVX-512 (as [`weight_grad`]).
@@ -229,11 +229,11 @@ pub(crate) fn weight_grad_f32(
     (b, cin, n): (usize, usize, usize),
     cout: usize,
 ) -> Vec<f32> {
-    assert!(super::Isa::detected() >= super::Isa::Avx512);
+    assert!(crate::Isa::detected() >= crate::Isa::Avx512);
     let k = stack(n);
     let len = (k * n).div_ceil(16) * 16;
     let nw = cout * cin;
-    super::cpu::sum_over_images(b, nw + cout, |images, dw| {
+    super::sum_over_images(b, nw + cout, |images, dw| {
         let (dw, db) = dw.split_at_mut(nw);
         let (mut xs, mut ds) = (Vec::new(), Vec::new());
         let mut i0 = images.start;
@@ -249,7 +249,7 @@ pub(crate) fn weight_grad_f32(
                 &mut ds,
             );
             for (c, d) in db.iter_mut().enumerate() {
-                *d += super::cpu::sum(&ds[c * len..(c + 1) * len]) as f32;
+                *d += super::sum(&ds[c * len..(c + 1) * len]) as f32;
             }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512 checked above; xs is [cin, len], ds [cout, len], len a multiple

@@ -1,6 +1,6 @@
 //! Every fast kernel against the plain-Candle oracle: outputs and gradients on random inputs.
 
-use super::{cpu, reference, Isa, Kernels};
+use super::{conv, reference, Isa, KernelChoice, KernelOptions, Kernels};
 use candle_core::{DType, Device, Tensor, Var};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -97,7 +97,7 @@ fn conv2d_matches_candle_forward_and_backward() {
         for isa in Isa::supported_all() {
             let kernels = Kernels::new(isa, false);
             let (o1, g1) = run(&inputs, 9, |t| {
-                cpu::conv2d_with(&t[0], &t[1], &t[2], stride, pad, kernels).unwrap()
+                conv::conv2d(&t[0], &t[1], &t[2], stride, pad, kernels).unwrap()
             });
             let what = format!("conv {h}x{w} k{k} s{stride} p{pad} c{ci}->{co} {isa}");
             close(&o1, &o2, 1e-5, &format!("{what} output"));
@@ -111,12 +111,13 @@ fn conv2d_matches_candle_forward_and_backward() {
 #[test]
 fn conv2d_rejects_empty_shapes() {
     let x = rand(&[2, 3, 5, 5], 41);
-    let err = cpu::conv2d(
+    let err = super::conv2d(
         &x,
         &Tensor::zeros((0, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
         &Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap(),
         1,
         1,
+        &KernelOptions::default(),
     )
     .unwrap_err()
     .to_string();
@@ -132,7 +133,7 @@ fn conv1x1_matches_candle_forward_and_backward() {
         rand(&[24], 23),
     ];
     let (o1, g1) = run(&inputs, 24, |t| {
-        super::conv1x1(&t[0], &t[1], &t[2]).unwrap()
+        super::conv1x1(&t[0], &t[1], &t[2], &KernelOptions::default()).unwrap()
     });
     let (o2, g2) = run(&inputs, 24, |t| {
         reference::conv1x1(&t[0], &t[1], &t[2]).unwrap()
@@ -161,7 +162,7 @@ fn group_norm_matches_candle_in_every_variant() {
                 let s = if ss { Some((&t[3], &t[4])) } else { None };
                 match fast {
                     Some(isa) => {
-                        super::norm::group_norm_with(&t[0], 32, &t[1], &t[2], 1e-5, s, silu, isa)
+                        super::group_norm::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu, isa)
                             .unwrap()
                     }
                     None => reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, s, silu).unwrap(),
@@ -190,7 +191,8 @@ fn group_norm_matches_candle_in_every_variant() {
     // 3-D input, as in attention blocks.
     let inputs = [rand(&[2, 32, 49], 11), rand(&[32], 12), rand(&[32], 13)];
     let (o1, g1) = run(&inputs, 14, |t| {
-        super::norm::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()
+        super::group_norm::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false, Isa::detected())
+            .unwrap()
     });
     let (o2, g2) = run(&inputs, 14, |t| {
         reference::group_norm(&t[0], 32, &t[1], &t[2], 1e-5, None, false).unwrap()
@@ -204,7 +206,9 @@ fn group_norm_matches_candle_in_every_variant() {
 #[test]
 fn upsample_matches_candle() {
     let inputs = [rand(&[2, 3, 4, 5], 15)];
-    let (o1, g1) = run(&inputs, 16, |t| cpu::upsample_nearest2x(&t[0]).unwrap());
+    let (o1, g1) = run(&inputs, 16, |t| {
+        super::upsample::upsample_nearest2x(&t[0]).unwrap()
+    });
     let (o2, g2) = run(&inputs, 16, |t| {
         reference::upsample_nearest2x(&t[0]).unwrap()
     });
@@ -213,11 +217,74 @@ fn upsample_matches_candle() {
 }
 
 #[test]
-fn fast_path_only_for_cpu_f32() {
-    assert!(super::use_fast_path(&rand(&[1], 0)) || std::env::var_os("DDPM_PLAIN_OPS").is_some());
-    assert!(!super::use_fast_path(
-        &rand(&[1], 0).to_dtype(DType::F64).unwrap()
-    ));
+fn fast_path_only_for_cpu_f32_unless_plain() {
+    let auto = KernelOptions::default();
+    assert!(auto.fast_path(&rand(&[1], 0)));
+    assert!(!auto.fast_path(&rand(&[1], 0).to_dtype(DType::F64).unwrap()));
+    let plain = KernelOptions {
+        choice: KernelChoice::Plain,
+        ..auto
+    };
+    assert!(!plain.fast_path(&rand(&[1], 0)));
+    assert!(!plain.bf16_supported());
+}
+
+#[test]
+fn options_cap_the_family_and_take_bf16_only_where_supported() {
+    let portable = KernelOptions {
+        choice: KernelChoice::UpTo(Isa::Portable),
+        precision: crate::Precision::Bf16,
+    };
+    assert_eq!(portable.isa(), Isa::Portable);
+    assert_eq!(portable.kernels(), Kernels::new(Isa::Portable, false));
+    let above = KernelOptions {
+        choice: KernelChoice::UpTo(Isa::Amx),
+        ..KernelOptions::default()
+    };
+    assert_eq!(above.isa(), Isa::detected());
+    let bf16 = KernelOptions::with_precision(crate::Precision::Bf16);
+    assert_eq!(bf16.bf16_convolutions(), Isa::detected() >= Isa::Avx512Bf16);
+}
+
+/// Two option values used in turn in one thread give each its own result: nothing is left
+/// behind in the process by the first.
+#[test]
+fn two_option_values_in_one_process_keep_their_own_results() {
+    let x = rand(&[2, 32, 14, 14], 51);
+    let w = (rand(&[32, 32, 3, 3], 52) * 0.1).unwrap();
+    let b = rand(&[32], 53);
+    let oracle = reference::conv2d(&x, &w, &b, 1, 1).unwrap();
+    let f32_opts = KernelOptions::default();
+    let bf16_opts = KernelOptions::with_precision(crate::Precision::Bf16);
+    let plain = KernelOptions {
+        choice: KernelChoice::Plain,
+        ..f32_opts
+    };
+    let conv = |o: &KernelOptions| super::conv2d(&x, &w, &b, 1, 1, o).unwrap();
+    let first = conv(&f32_opts);
+    let low = conv(&bf16_opts);
+    let again = conv(&f32_opts);
+    let plain_out = conv(&plain);
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(diff(&first, &again), 0.0, "f32 after bf16 changed");
+    assert_eq!(diff(&plain_out, &oracle), 0.0, "plain is the oracle");
+    assert!(diff(&first, &oracle) < 1e-4);
+    if bf16_opts.bf16_convolutions() {
+        // bf16 products: visibly different from f32, yet close.
+        let d = diff(&low, &first);
+        assert!(d > 1e-4 && d < 0.1, "bf16 against f32: {d}");
+    } else {
+        assert_eq!(diff(&low, &first), 0.0);
+    }
 }
 
 /// Rounds every element to the nearest bf16 (kept as f32).
@@ -228,14 +295,14 @@ fn to_bf16(t: &Tensor) -> Tensor {
         .to_vec1::<f32>()
         .unwrap()
         .into_iter()
-        .map(|x| f32::from_bits(super::bf16::bf16_bits(x) << 16))
+        .map(|x| f32::from_bits(conv::bf16::bf16_bits(x) << 16))
         .collect();
     Tensor::from_vec(v, t.shape(), t.device()).unwrap()
 }
 
 #[test]
 fn bf16_rounding_is_nearest_even() {
-    let r = |x: f32| f32::from_bits(super::bf16::bf16_bits(x) << 16);
+    let r = |x: f32| f32::from_bits(conv::bf16::bf16_bits(x) << 16);
     assert_eq!(r(1.0), 1.0);
     // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
     assert_eq!(r(1.0 + 1.0 / 256.0), 1.0);
@@ -286,12 +353,12 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
             let x = rand(&[b, ci, h, w], 21);
             let wt = rand(&[co, ci, k, k], 22);
             let bias = rand(&[co], 23);
-            let got = cpu::conv2d_with(&x, &wt, &bias, 1, pad, kernels).unwrap();
+            let got = conv::conv2d(&x, &wt, &bias, 1, pad, kernels).unwrap();
             // 1×1 convolutions take bf16 only on AMX tiles, where the channels fill them.
             if k == 1 && !(isa == Isa::Amx && ci % 16 == 0 && co % 16 == 0) {
                 let inputs = [x.clone(), wt.clone(), bias.clone()];
                 let (o1, g1) = run(&inputs, 24, |t| {
-                    cpu::conv2d_with(&t[0], &t[1], &t[2], 1, pad, kernels).unwrap()
+                    conv::conv2d(&t[0], &t[1], &t[2], 1, pad, kernels).unwrap()
                 });
                 let (o2, g2) = run(&inputs, 24, |t| {
                     reference::conv2d(&t[0], &t[1], &t[2], 1, pad).unwrap()
@@ -312,7 +379,7 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
             // The input gradient goes through the same kernel with the transposed weights.
             let inputs = [x.clone(), wt.clone(), bias.clone()];
             let (_, g1) = run(&inputs, 24, |t| {
-                cpu::conv2d_with(&t[0], &t[1], &t[2], 1, pad, kernels).unwrap()
+                conv::conv2d(&t[0], &t[1], &t[2], 1, pad, kernels).unwrap()
             });
             let (_, g3) = run(&inputs, 24, |t| {
                 reference::conv2d(&t[0], &t[1], &t[2], 1, pad).unwrap()
@@ -344,7 +411,7 @@ fn bf16_convolution_is_the_f32_convolution_of_rounded_operands() {
             let bias = rand(&[co], 43);
             let inputs = [x.clone(), wt.clone(), bias.clone()];
             let (o1, g1) = run(&inputs, 44, |t| {
-                cpu::conv2d_with(&t[0], &t[1], &t[2], 2, 1, kernels).unwrap()
+                conv::conv2d(&t[0], &t[1], &t[2], 2, 1, kernels).unwrap()
             });
             let what = format!("conv s2 {ci}->{co} {h}x{w} {isa}");
             if isa == Isa::Amx && ci >= 16 && co % 16 == 0 {

@@ -1,11 +1,10 @@
-//! Which kernel family runs: the CPU's features, detected at run time, and a process-wide limit.
+//! Which kernel family runs: the CPU's features, detected at run time.
 //!
 //! The crates are built for baseline x86-64; every SIMD kernel is compiled for its features with
-//! `#[target_feature]` and chosen here. Each op records the [`Kernels`] in force when it is
-//! created, so its backward pass runs the same family, and tests can run every family the
-//! machine has side by side.
+//! `#[target_feature]` and chosen here. Each op records the [`Kernels`] it was created with, so
+//! its backward pass runs the same family, and tests can run every family the machine has side
+//! by side.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// A CPU kernel family, from the most portable to the most specialised; each level includes
@@ -97,7 +96,7 @@ fn detect() -> Isa {
     if !has!("avx512bf16") {
         return Isa::Avx512;
     }
-    if !super::amx::available() {
+    if !crate::conv::amx::available() {
         return Isa::Avx512Bf16;
     }
     Isa::Amx
@@ -108,9 +107,6 @@ fn detect() -> Isa {
     Isa::Portable
 }
 
-/// The limit as `Isa::ALL` index + 1; 0 while unset (then `DDPM_ISA` decides).
-static LIMIT: AtomicU8 = AtomicU8::new(0);
-
 /// The limit `DDPM_ISA` asks for, if set: `Ok(None)` when unset or empty, an error naming the
 /// value when it is not a family's name.
 pub fn isa_from_env() -> Result<Option<Isa>, UnknownIsa> {
@@ -119,32 +115,6 @@ pub fn isa_from_env() -> Result<Option<Isa>, UnknownIsa> {
         Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(v)) => Err(UnknownIsa(v.to_string_lossy().into())),
     }
-}
-
-/// Restricts the kernels of ops created from now on to `limit` and below (`None`: no limit),
-/// process-wide; a limit above what the CPU has means the CPU's best. Overrides `DDPM_ISA`.
-pub fn set_isa_limit(limit: Option<Isa>) {
-    let v = limit.map_or(Isa::ALL.len() as u8, |i| i as u8) + 1;
-    LIMIT.store(v, Ordering::Relaxed);
-}
-
-/// The family ops created now use: the CPU's best, capped by [`set_isa_limit`] or else by
-/// `DDPM_ISA` (a value that is not a family's name is ignored here with a warning; the
-/// binaries refuse it up front).
-pub fn isa() -> Isa {
-    let limit = match LIMIT.load(Ordering::Relaxed) {
-        0 => {
-            static ENV: OnceLock<Option<Isa>> = OnceLock::new();
-            *ENV.get_or_init(|| {
-                isa_from_env().unwrap_or_else(|e| {
-                    tracing::warn!("DDPM_ISA ignored: {e}");
-                    None
-                })
-            })
-        }
-        v => Isa::ALL.get(v as usize - 1).copied(),
-    };
-    limit.map_or(Isa::detected(), |l| l.min(Isa::detected()))
 }
 
 /// The arithmetic precision of the CPU convolutions.
@@ -200,14 +170,6 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// The process-wide choice in force now.
-    pub fn current() -> Self {
-        Kernels {
-            isa: isa(),
-            bf16: super::bf16_convolutions(),
-        }
-    }
-
     /// `isa` (capped at the CPU's) with f32 or bf16 products.
     pub fn new(isa: Isa, bf16: bool) -> Self {
         Kernels {

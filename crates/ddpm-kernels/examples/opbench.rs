@@ -1,14 +1,16 @@
 //! Times the UNet's hot ops on the MNIST model's shapes (batch 64 by default):
-//! `MIMALLOC_PURGE_DELAY=-1 cargo run -p ddpm-unet --example opbench [batch] [unet]`; with
-//! `DDPM_PRECISION=bf16` the model's ops (and the per-shape totals) run at bf16 precision.
+//! `MIMALLOC_PURGE_DELAY=-1 cargo run -p ddpm-kernels --example opbench [batch] [resblock]`;
+//! with `DDPM_PRECISION=bf16` the ops (and the per-shape totals) run at bf16 precision, and
+//! `DDPM_ISA` / `DDPM_PLAIN_OPS` choose the kernels. The whole model's step is timed by
+//! `cargo xtask bench`.
 //! Uses mimalloc like the binaries do (with the default allocator, fresh pages for every large
 //! buffer dominate the backward passes).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use ddpm_unet::{ops, ParamStore, UNet, UNetConfig};
+use candle_core::{Device, Result, Tensor, Var};
+use ddpm_kernels::{self as ops, KernelOptions};
 use std::time::Instant;
 
 fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -52,14 +54,16 @@ fn main() -> Result<()> {
         .unwrap_or_else(|_| "f32".into())
         .parse()
         .map_err(candle_core::Error::wrap)?;
-    ops::set_precision(precision);
+    let opts = KernelOptions::with_precision(precision)
+        .with_env_overrides()
+        .map_err(candle_core::Error::wrap)?;
     println!(
         "batch {b}, {} threads, {precision}: {}",
         rayon::current_num_threads(),
-        ops::kernel_variant()
+        opts.describe()
     );
     let mode = std::env::args().nth(2).unwrap_or_default();
-    let only_unet = mode == "unet" || mode == "fwd" || mode == "resblock";
+    let only_unet = mode == "resblock";
     // (c_in, c_out, size, kernel, stride, how many times the MNIST UNet has it)
     let convs = [
         (1, 32, 28, 3, 1, 1),
@@ -103,10 +107,25 @@ fn main() -> Result<()> {
         let flop = 2.0 * (b * co * ho * ho * ci * k * k) as f64;
         let g = rand(&[b, co, ho, ho], 300 + i as u64)?;
         let f = time(5, || {
-            ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, pad).map(|_| ())
+            ops::conv2d(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.as_tensor(),
+                s,
+                pad,
+                &opts,
+            )
+            .map(|_| ())
         })?;
         let fb = time(5, || {
-            let y = ops::conv2d(x.as_tensor(), w.as_tensor(), bias.as_tensor(), s, pad)?;
+            let y = ops::conv2d(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.as_tensor(),
+                s,
+                pad,
+                &opts,
+            )?;
             y.mul(&g)?.sum_all()?.backward().map(|_| ())
         })?;
         let bw = fb - f;
@@ -115,7 +134,7 @@ fn main() -> Result<()> {
             flop / f / 1e6,
             2.0 * flop / bw / 1e6
         );
-        if k == 3 && s == 1 && ops::direct::available() {
+        if k == 3 && s == 1 && ops::conv::direct::available() {
             let (xv, wv) = (
                 x.as_tensor().flatten_all()?.to_vec1::<f32>()?,
                 w.as_tensor().flatten_all()?.to_vec1::<f32>()?,
@@ -123,7 +142,7 @@ fn main() -> Result<()> {
             let gv = g.flatten_all()?.to_vec1::<f32>()?;
             let f32k = ops::Kernels::new(ops::Isa::Avx512, false);
             let di = time(5, || {
-                ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, f32k);
+                ops::conv::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, f32k);
                 Ok(())
             })?;
             let bv = bias.as_tensor().to_vec1::<f32>()?;
@@ -133,15 +152,15 @@ fn main() -> Result<()> {
                 }
                 let k16 = ops::Kernels::new(isa, true);
                 let f16 = time(5, || {
-                    ops::direct::forward(&xv, (b, ci, hw, hw), &wv, co, &bv, k16);
+                    ops::conv::direct::forward(&xv, (b, ci, hw, hw), &wv, co, &bv, k16);
                     Ok(())
                 })?;
                 let di16 = time(5, || {
-                    ops::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, k16);
+                    ops::conv::direct::backward_input(&gv, (b, co, hw, hw), &wv, ci, k16);
                     Ok(())
                 })?;
                 let dw16 = time(5, || {
-                    ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, k16);
+                    ops::conv::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, k16);
                     Ok(())
                 })?;
                 println!(
@@ -152,7 +171,7 @@ fn main() -> Result<()> {
                 );
             }
             let dw = time(5, || {
-                ops::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, f32k);
+                ops::conv::direct::backward_weight(&gv, &xv, (b, ci, hw, hw), co, f32k);
                 Ok(())
             })?;
             println!(
@@ -188,6 +207,7 @@ fn main() -> Result<()> {
                 1e-5,
                 Some((scale.as_tensor(), shift.as_tensor())),
                 true,
+                &opts,
             )
         };
         let f = time(5, || gn().map(|_| ()))?;
@@ -225,8 +245,9 @@ fn main() -> Result<()> {
                 1e-5,
                 None,
                 true,
+                &opts,
             )?;
-            let h = ops::conv2d(&h, w1.as_tensor(), c1.as_tensor(), 1, 1)?;
+            let h = ops::conv2d(&h, w1.as_tensor(), c1.as_tensor(), 1, 1, &opts)?;
             let (sc, sh) = (
                 emb.as_tensor().narrow(1, 0, c)?,
                 emb.as_tensor().narrow(1, c, c)?,
@@ -239,43 +260,14 @@ fn main() -> Result<()> {
                 1e-5,
                 Some((&sc, &sh)),
                 true,
+                &opts,
             )?;
-            let h = ops::conv2d(&h, w2.as_tensor(), c2.as_tensor(), 1, 1)?;
+            let h = ops::conv2d(&h, w2.as_tensor(), c2.as_tensor(), 1, 1, &opts)?;
             x.as_tensor() + h
         };
         let f = time(9, || block().map(|_| ()))?;
         let fb = time(9, || block()?.sum_all()?.backward().map(|_| ()))?;
         println!("resblock 32ch 28x28: fwd {f:.2} ms, fwd+bwd {fb:.2} ms");
-        return Ok(());
     }
-    let cfg = UNetConfig::mnist();
-    let store = ParamStore::new(0, DType::F32, &Device::Cpu);
-    let unet = UNet::new(store.var_builder(), &cfg).map_err(candle_core::Error::wrap)?;
-    let x = rand(&[b, 1, 28, 28], 13)?;
-    let t = Tensor::from_vec(
-        (0..b).map(|i| (i * 997 % 1000) as f32).collect::<Vec<_>>(),
-        b,
-        &Device::Cpu,
-    )?;
-    let f = time(if mode == "fwd" { 15 } else { 3 }, || {
-        unet.forward(&x, &t, None, false)
-            .map(|_| ())
-            .map_err(candle_core::Error::wrap)
-    })?;
-    if mode == "fwd" {
-        println!("unet: fwd {f:.1} ms ({:.1} img/s)", b as f64 / f * 1e3);
-        return Ok(());
-    }
-    let fb = time(3, || {
-        let y = unet
-            .forward(&x, &t, None, true)
-            .map_err(candle_core::Error::wrap)?;
-        y.sqr()?.mean_all()?.backward().map(|_| ())
-    })?;
-    println!(
-        "unet: fwd {f:.1} ms ({:.1} img/s), fwd+bwd {fb:.1} ms ({:.1} img/s)",
-        b as f64 / f * 1e3,
-        b as f64 / fb * 1e3
-    );
     Ok(())
 }

@@ -5,9 +5,9 @@
 //! Here each (image, head) is five small single-threaded GEMMs and a softmax, the heads spread
 //! over rayon's pool; the backward pass recomputes the attention weights rather than keep them.
 
-use super::cpu::{matmul, slice};
-use super::norm::exp_fast;
-use super::profile::{timed, OpClass};
+use crate::conv::{matmul, slice};
+use crate::group_norm::exp_fast;
+use crate::profile::{timed, OpClass};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
