@@ -62,27 +62,25 @@ pub fn write_data(dir: &Path) {
     }
 }
 
-pub const TINY: &[&str] = &[
-    "--channel-mult",
-    "1,2",
-    "--num-res-blocks",
-    "1",
-    "--attention-resolutions",
-    "14",
-    "--num-heads",
-    "1",
-    "--batch-size",
-    "4",
-    "--log-interval",
-    "2",
-    "--save-interval",
-    "2",
-    "--sample-interval",
-    "0",
-    "--diffusion-steps",
-    "100",
-    "--no-progress",
-];
+/// The tiny preset's model (`ddpm_cli::presets::Preset::Tiny`), with the tests' own batch,
+/// intervals and a 100-step process so that a run takes seconds.
+pub fn tiny() -> Vec<&'static str> {
+    let mut flags = ddpm_cli::presets::Preset::Tiny.model_flags().to_vec();
+    flags.extend([
+        "--batch-size",
+        "4",
+        "--log-interval",
+        "2",
+        "--save-interval",
+        "2",
+        "--sample-interval",
+        "0",
+        "--diffusion-steps",
+        "100",
+        "--no-progress",
+    ]);
+    flags
+}
 
 /// `ddpm-cli train` on `data` into `out` with the tiny model and `extra` flags (later flags
 /// override earlier ones).
@@ -97,7 +95,7 @@ pub fn train_command(data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm-cli"));
     c.args(["train", "--data", data.to_str().unwrap()])
         .args(["--out", out.to_str().unwrap()])
-        .args(TINY)
+        .args(tiny())
         .args(extra)
         .env("RUST_LOG", "warn");
     c

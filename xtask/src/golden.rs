@@ -14,7 +14,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use ddpm_kernels::{Isa, KernelChoice, KernelOptions, Precision};
-use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, Sampler};
+use ddpm_schedule::Denoiser;
+use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, SamplingMethod};
 use ddpm_train::checkpoint::load_model;
 use ddpm_train::data::{IdxArray, ImageDataset};
 use ddpm_train::{DiffusionSettings, TrainConfig, Trainer};
@@ -71,9 +72,19 @@ pub fn compute(dir: &Path, kernels: KernelOptions) -> Result<HashMap<String, Ten
     let [h, w] = meta.image_size;
     let mut out = HashMap::new();
     for (name, respacing, sampler, seed) in [
-        ("ddpm_respaced25", "25", Sampler::Ddpm, 1u64),
-        ("ddim10_eta0", "ddim10", Sampler::Ddim { eta: 0.0 }, 2),
-        ("ddim10_eta1", "ddim10", Sampler::Ddim { eta: 1.0 }, 3),
+        ("ddpm_respaced25", "25", SamplingMethod::Ddpm, 1u64),
+        (
+            "ddim10_eta0",
+            "ddim10",
+            SamplingMethod::Ddim { eta: 0.0 },
+            2,
+        ),
+        (
+            "ddim10_eta1",
+            "ddim10",
+            SamplingMethod::Ddim { eta: 1.0 },
+            3,
+        ),
     ] {
         let diffusion = GaussianDiffusion::new(&meta.diffusion.to_config(Some(respacing))?)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -85,11 +96,7 @@ pub fn compute(dir: &Path, kernels: KernelOptions) -> Result<HashMap<String, Ten
         )?;
         let model = &loaded.model;
         let x = diffusion.sample_loop(
-            |x, ts| {
-                model
-                    .forward(x, ts, None, false)
-                    .map_err(candle_core::Error::wrap)
-            },
+            model.sampling_fn(None),
             x_t,
             sampler,
             true,
@@ -130,7 +137,7 @@ fn training_losses() -> Result<Vec<f64>> {
         microbatch: 4,
         sample_interval: 0,
         seed: 11,
-        schedule_sampler: "uniform".into(),
+        schedule_sampler: ddpm_train::TimestepSampling::Uniform,
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(
@@ -146,18 +153,10 @@ fn training_losses() -> Result<Vec<f64>> {
 
 /// The golden model's architecture: the tiny preset's UNet.
 pub fn golden_model_config() -> UNetConfig {
-    UNetConfig {
-        in_channels: 1,
-        model_channels: 32,
-        out_channels: 2,
-        num_res_blocks: 1,
-        attention_resolutions: vec![2],
-        dropout: 0.0,
-        channel_mult: vec![1, 2],
-        num_classes: None,
-        num_heads: 1,
-        use_scale_shift_norm: true,
-    }
+    let (model, _, _) = ddpm_cli::presets::Preset::Tiny
+        .configs()
+        .expect("the tiny preset is valid");
+    model
 }
 
 /// Differences between computed and golden arrays, one line each; empty when all agree.

@@ -1,8 +1,8 @@
 //! `cargo xtask download-mnist` and `cargo xtask train-mnist`.
 
 use anyhow::Result;
-use clap::{Args, Parser, ValueEnum};
-use ddpm_cli::train::TrainArgs;
+use clap::Args;
+pub use ddpm_cli::presets::Preset;
 use ddpm_train::download::{download_mnist, mirrors_after};
 use std::path::PathBuf;
 
@@ -35,22 +35,6 @@ pub fn download(args: &DownloadArgs) -> Result<()> {
     Ok(())
 }
 
-/// Training presets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Preset {
-    /// A few steps of a small model: checks the whole pipeline in under a minute.
-    Tiny,
-    /// The base recipe for a few minutes.
-    Small,
-    /// The main job: the MNIST UNet with one residual block per level, batch 64, for about 12.5
-    /// minutes on two Zen 5 cores, with lr warm-up and cosine decay, Min-SNR-5 weighting and the
-    /// EMA warm-up.
-    Base,
-    /// The original recipe this project started with (6,000 steps at lr 2e-4, plain EMA 0.999,
-    /// 45 minutes here), kept for comparison.
-    Classic,
-}
-
 /// Options of `train-mnist`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainMnistArgs {
@@ -75,137 +59,18 @@ pub struct TrainMnistArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// f32, or bf16 products in the CPU convolutions (AMX-BF16 or AVX512-BF16), as
-    /// `ddpm-cli train --precision`.
-    #[arg(long, default_value = "f32")]
-    pub precision: ddpm_kernels::Precision,
+    /// Where and how to compute, as `ddpm-cli train --device/--precision`.
+    #[command(flatten)]
+    pub compute: ddpm_cli::ComputeArgs,
     #[command(flatten)]
     pub download: DownloadArgs,
-}
-
-/// The `ddpm-cli train` flags of a preset.
-pub fn preset_args(preset: Preset) -> TrainArgs {
-    // The recipe `small` and `base` share; each adds its length and intervals. One residual
-    // block per level instead of two: 30% fewer FLOPs per image, and at the same minutes the
-    // images it gains are worth more than the depth it loses (README, "recipes tried").
-    const RECIPE: &[&str] = &[
-        "--num-res-blocks",
-        "1",
-        "--batch-size",
-        "64",
-        "--lr",
-        "1e-3",
-        "--lr-schedule",
-        "cosine",
-        "--snr-gamma",
-        "5",
-        "--ema-warmup",
-        "--ema-rate",
-        "0.999",
-        "--log-interval",
-        "10",
-        "--sample-respacing",
-        "25",
-    ];
-    let recipe: &[&str] = match preset {
-        Preset::Small | Preset::Base => RECIPE,
-        Preset::Tiny | Preset::Classic => &[],
-    };
-    let extra: &[&str] = match preset {
-        Preset::Tiny => &[
-            "--channel-mult",
-            "1,2",
-            "--num-res-blocks",
-            "1",
-            "--attention-resolutions",
-            "14",
-            "--num-heads",
-            "1",
-            "--batch-size",
-            "8",
-            "--steps",
-            "12",
-            "--lr",
-            "2e-4",
-            "--ema-rate",
-            "0.9",
-            "--log-interval",
-            "4",
-            "--save-interval",
-            "6",
-            "--sample-interval",
-            "12",
-            "--sample-count",
-            "4",
-            "--sample-respacing",
-            "10",
-        ],
-        Preset::Small => &[
-            "--steps",
-            "500",
-            "--lr-warmup-steps",
-            "100",
-            "--save-interval",
-            "250",
-            "--sample-interval",
-            "250",
-        ],
-        Preset::Base => &[
-            "--steps",
-            "2700",
-            "--lr-warmup-steps",
-            "200",
-            "--save-interval",
-            "675",
-            "--keep-checkpoints",
-            "0",
-            "--sample-interval",
-            "1350",
-        ],
-        Preset::Classic => &[
-            "--batch-size",
-            "32",
-            "--steps",
-            "6000",
-            "--lr",
-            "2e-4",
-            "--ema-rate",
-            "0.999",
-            "--log-interval",
-            "10",
-            "--save-interval",
-            "250",
-            "--sample-interval",
-            "500",
-            "--sample-respacing",
-            "100",
-        ],
-    };
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(subcommand)]
-        cmd: Cmd,
-    }
-    #[derive(clap::Subcommand)]
-    enum Cmd {
-        Train(TrainArgs),
-    }
-    let argv = ["ddpm-cli", "train"]
-        .into_iter()
-        .chain(recipe.iter().copied())
-        .chain(extra.iter().copied());
-    let Cmd::Train(args) = Wrapper::parse_from(argv).cmd;
-    args
 }
 
 /// Downloads MNIST if needed, then trains the preset.
 pub fn train(args: &TrainMnistArgs) -> Result<()> {
     download(&args.download)?;
     let name = format!("{:?}", args.preset).to_lowercase();
-    let mut t = preset_args(args.preset);
+    let mut t = args.preset.train_args();
     t.data = args.download.dir.clone();
     t.out = args
         .out
@@ -226,8 +91,7 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     t.resume_checkpoint = args.resume.clone();
     t.overwrite = args.overwrite;
     t.seed = args.seed;
-    t.device = args.device.clone();
-    t.precision = args.precision;
+    t.compute = args.compute.clone();
     let stop = ddpm_cli::ctrlc_stop_flag()?;
     let outcome = ddpm_cli::train::run(&t, Some(stop))?;
     println!("{outcome:?}");
@@ -263,15 +127,15 @@ mod tests {
 
     #[test]
     fn every_preset_is_a_valid_recipe_and_base_uses_the_new_one() {
-        for preset in [Preset::Tiny, Preset::Small, Preset::Base, Preset::Classic] {
-            let t = preset_args(preset);
+        for preset in Preset::ALL {
+            let t = preset.train_args();
             t.train_config()
                 .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
             t.model_config(28)
                 .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
             assert!(t.diffusion().to_config(None).is_ok(), "{preset:?}");
         }
-        let (base, classic) = (preset_args(Preset::Base), preset_args(Preset::Classic));
+        let (base, classic) = (Preset::Base.train_args(), Preset::Classic.train_args());
         let (b, c) = (
             base.train_config().unwrap(),
             classic.train_config().unwrap(),

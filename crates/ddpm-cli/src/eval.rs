@@ -1,6 +1,6 @@
 //! `ddpm-cli eval`: sample quality of an MNIST model, with real data as the floor.
 
-use crate::sample::{generate, respacing_of, SampleArgs};
+use crate::sample::{generate, respacing_of, GifShow, SampleArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -11,12 +11,9 @@ use std::path::PathBuf;
 /// Options of `ddpm-cli eval`.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Checkpoint folder.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// EMA rate whose weights to use ("model" for the raw weights; default: the first EMA).
-    #[arg(long)]
-    pub ema: Option<String>,
+    /// The checkpoint and its weights.
+    #[command(flatten)]
+    pub weights: crate::WeightsArgs,
     /// Number of samples (and of real training images, a seeded random draw, for the floor).
     #[arg(long, default_value_t = 1000)]
     pub num: usize,
@@ -48,6 +45,9 @@ pub struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Where and how to compute.
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -79,8 +79,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         );
     }
     let sample_args = SampleArgs {
-        checkpoint: args.checkpoint.clone(),
-        ema: args.ema.clone(),
+        weights: args.weights.clone(),
         num: args.num,
         batch_size: args.batch_size,
         respacing: args.respacing.clone(),
@@ -94,10 +93,9 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         out: None,
         npz: None,
         gif: None,
-        gif_show: "both".into(),
+        gif_show: GifShow::Both,
         gif_frames: 1,
-        device: "cpu".into(),
-        precision: ddpm_kernels::Precision::F32,
+        compute: args.compute.clone(),
         no_progress: args.no_progress,
     };
     let samples = generate(&sample_args)?;
@@ -118,7 +116,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     let real = Scores::of_images(&clf, &x_real, &f_test)?;
     let spacing = respacing_of(args.steps, args.respacing.as_deref())?;
     let report = serde_json::json!({
-        "checkpoint": args.checkpoint.display().to_string(),
+        "checkpoint": args.weights.checkpoint.display().to_string(),
         "num": args.num,
         "test_images": test.len,
         "respacing": spacing,

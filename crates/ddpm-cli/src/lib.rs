@@ -2,12 +2,15 @@
 
 pub mod eval;
 pub mod nll;
+pub mod options;
 pub mod plot;
+pub mod presets;
 pub mod sample;
 pub mod train;
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+pub use options::{kernel_options, ComputeArgs, DeviceChoice, WeightsArgs};
+
+use anyhow::Result;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -99,33 +102,6 @@ pub fn error_message(e: &anyhow::Error) -> String {
     msg
 }
 
-/// Parses `--device`: `cpu`, `cuda`, `cuda:N` or `metal`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "metal" => {
-            if cfg!(feature = "metal") {
-                Ok(Device::new_metal(0)?)
-            } else {
-                bail!("this build has no Metal support; rebuild with --features metal")
-            }
-        }
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx: usize = s
-                .strip_prefix("cuda:")
-                .map(|i| i.parse())
-                .transpose()?
-                .unwrap_or(0);
-            if cfg!(feature = "cuda") {
-                Ok(Device::new_cuda(idx)?)
-            } else {
-                bail!("this build has no CUDA support; rebuild with --features cuda")
-            }
-        }
-        other => bail!("unknown device {other:?} (cpu, cuda, cuda:N, metal)"),
-    }
-}
-
 /// Parses a comma-separated list ("1,2,2").
 pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
@@ -136,36 +112,4 @@ pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
                 .map_err(|_| anyhow::anyhow!("{what}: {p:?} in {s:?} is not a valid number"))
         })
         .collect()
-}
-
-/// The kernels a run on `device` computes with: `--precision`, with the benchmark overrides
-/// `DDPM_ISA` and `DDPM_PLAIN_OPS` applied. bf16 needs the CPU with AMX or AVX512-BF16 (within
-/// the `DDPM_ISA` limit), and an unknown `DDPM_ISA` is refused.
-pub fn kernel_options(
-    p: ddpm_kernels::Precision,
-    device: &candle_core::Device,
-) -> Result<ddpm_kernels::KernelOptions> {
-    use ddpm_kernels::{Isa, KernelOptions, Precision};
-    let opts = KernelOptions::with_precision(p).with_env_overrides()?;
-    if p == Precision::Bf16 {
-        if !device.is_cpu() {
-            anyhow::bail!(
-                "--precision bf16 applies to the CPU kernels; on {device:?} use --precision f32"
-            );
-        }
-        if !opts.bf16_supported() {
-            anyhow::bail!(
-                "--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16; this one runs {} \
-                 kernels (detected {}){}; use --precision f32",
-                opts.isa(),
-                Isa::detected(),
-                if opts.isa() < Isa::detected() {
-                    ", limited by DDPM_ISA"
-                } else {
-                    ""
-                }
-            );
-        }
-    }
-    Ok(opts)
 }

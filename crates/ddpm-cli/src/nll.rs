@@ -1,11 +1,8 @@
 //! `ddpm-cli nll`: the variational bound in bits/dim on a data split.
 
-use crate::parse_device;
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use clap::Args;
 use ddpm_schedule::{GaussianDiffusion, RngNoise};
-use ddpm_train::checkpoint::load_model;
 use ddpm_train::{ImageDataset, Split};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -14,12 +11,9 @@ use std::path::PathBuf;
 /// Options of `ddpm-cli nll`.
 #[derive(Debug, Clone, Args)]
 pub struct NllArgs {
-    /// Checkpoint folder.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// EMA rate whose weights to use ("model" for the raw weights; default: the first EMA).
-    #[arg(long)]
-    pub ema: Option<String>,
+    /// The checkpoint and its weights.
+    #[command(flatten)]
+    pub weights: crate::WeightsArgs,
     /// Folder with the IDX files.
     #[arg(long, default_value = "data/mnist")]
     pub data: PathBuf,
@@ -44,9 +38,9 @@ pub struct NllArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Where and how to compute.
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -60,13 +54,8 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
     if args.num == Some(0) || args.batch_size == 0 {
         bail!("--num and --batch-size must be positive");
     }
-    let device = parse_device(&args.device)?;
-    let ema = args
-        .ema
-        .as_deref()
-        .map(|e| if e == "model" { "" } else { e });
-    let kernels = crate::kernel_options(ddpm_kernels::Precision::F32, &device)?;
-    let loaded = load_model(&args.checkpoint, ema, kernels, &device)?;
+    let (device, kernels) = args.compute.open()?;
+    let loaded = args.weights.load(kernels, &device)?;
     let split: Split = args.split.parse()?;
     let data = ImageDataset::load(&args.data, split).with_context(|| {
         format!(
@@ -105,43 +94,27 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         b
     };
     let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(args.seed));
-    let (mut totals, mut priors) = (Vec::new(), Vec::new());
-    let mut vb_sum = vec![0f64; t_total];
-    for start in (0..n).step_by(args.batch_size) {
-        let idx: Vec<usize> = (start..(start + args.batch_size).min(n)).collect();
-        let (x, y) = data.batch(&idx, &device)?;
-        let y = loaded.meta.model.num_classes.map(|_| y);
-        let model = &loaded.model;
-        let terms = diffusion.calc_bpd_loop(
-            |xt, ts| {
-                model
-                    .forward(xt, ts, y.as_ref(), false)
-                    .map_err(candle_core::Error::wrap)
-            },
-            &x,
-            args.clip_denoised,
-            &mut noise,
-            |_, _| bar.inc(1),
-        )?;
-        totals.extend(terms.total_bpd.to_dtype(DType::F64)?.to_vec1::<f64>()?);
-        priors.extend(terms.prior_bpd.to_dtype(DType::F64)?.to_vec1::<f64>()?);
-        let vb: Vec<Vec<f64>> = terms.vb.to_dtype(DType::F64)?.to_vec2()?;
-        for row in vb {
-            for (s, v) in vb_sum.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
-    }
+    let bound = ddpm_train::nll::bits_per_dim(
+        &loaded.model,
+        &diffusion,
+        &data,
+        n,
+        args.batch_size,
+        loaded.meta.model.num_classes.is_some(),
+        args.clip_denoised,
+        &mut noise,
+        &device,
+        || bar.inc(1),
+    )?;
     bar.finish_and_clear();
+    let (totals, priors, vb_sum) = (&bound.total, &bound.prior, &bound.vb_sum);
     let m = totals.len() as f64;
-    let mean = totals.iter().sum::<f64>() / m;
-    let var = totals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
-    let stderr = (var / m).sqrt();
+    let (mean, stderr) = bound.mean_and_stderr();
     if !mean.is_finite() {
         bail!(
             "the bound is not finite ({mean}) on these images: the model's output holds NaN or \
              infinite values (check the weights of {})",
-            args.checkpoint.display()
+            args.weights.checkpoint.display()
         );
     }
     let quarters: Vec<f64> = (0..4)
@@ -152,7 +125,7 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
         })
         .collect();
     let report = serde_json::json!({
-        "checkpoint": args.checkpoint.display().to_string(),
+        "checkpoint": args.weights.checkpoint.display().to_string(),
         "weights": loaded.weights,
         "split": args.split,
         "num": totals.len(),

@@ -106,7 +106,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
             args.run.display()
         );
     }
-    let meta = ddpm_train::CheckpointMeta::read(&checkpoints[0].1)?;
+    let meta = ddpm_train::CheckpointMeta::<ddpm_unet::UNetConfig>::read(&checkpoints[0].1)?;
     let minutes = minutes_at_rows(&rows, meta.train.batch_size);
     let json = args.run.join("quality.json");
     let title = curve_title(&args.run, args.num);
@@ -117,9 +117,13 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
             .rfind(|(s, _)| s <= step)
             .map_or(0.0, |m| m.1);
         tracing::info!("scoring {} ({at:.1} min)", dir.display());
-        let report = crate::eval::run(&EvalArgs {
+        let weights = crate::WeightsArgs {
             checkpoint: dir.clone(),
             ema: None,
+        };
+        let report = crate::eval::run(&EvalArgs {
+            weights: weights.clone(),
+            compute: Default::default(),
             num: args.num,
             batch_size: 100,
             respacing: args.respacing.clone(),
@@ -135,8 +139,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
         })?;
         let bits_per_dim = if args.nll_num > 0 {
             let r = crate::nll::run(&NllArgs {
-                checkpoint: dir.clone(),
-                ema: None,
+                weights,
                 data: args.data.clone(),
                 split: "test".into(),
                 num: Some(args.nll_num),
@@ -145,7 +148,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
                 clip_denoised: true,
                 seed: args.seed,
                 json: false,
-                device: "cpu".into(),
+                compute: Default::default(),
                 no_progress: true,
                 quiet: true,
             })?;

@@ -1,11 +1,9 @@
 //! `ddpm-cli sample`: PNG grids, npz arrays and GIFs of the denoising chain.
 
-use crate::parse_device;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, Sampler};
-use ddpm_train::checkpoint::load_model;
+use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, SamplingMethod};
 use image::{Delay, Frame, RgbaImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,17 +21,16 @@ pub const DEFAULT_SOLVER: &str = "ddpm";
 
 /// The sampler that `--ddim`, `--solver` (default [`DEFAULT_SOLVER`]) and `--eta` ask for
 /// together; `--ddim` alone is DDIM.
-pub fn sampler_of(ddim: bool, solver: Option<&str>, eta: f64) -> Result<Sampler> {
-    let named = solver.map(str::parse::<Sampler>).transpose()?;
+pub fn sampler_of(ddim: bool, solver: Option<&str>, eta: f64) -> Result<SamplingMethod> {
+    let named = solver.map(str::parse::<SamplingMethod>).transpose()?;
     let sampler = match (ddim, named) {
-        (true, None | Some(Sampler::Ddim { .. })) | (false, Some(Sampler::Ddim { .. })) => {
-            Sampler::Ddim { eta }
-        }
+        (true, None | Some(SamplingMethod::Ddim { .. }))
+        | (false, Some(SamplingMethod::Ddim { .. })) => SamplingMethod::Ddim { eta },
         (true, Some(other)) => bail!("--ddim and --solver {} exclude each other", other.name()),
         (false, Some(other)) => other,
         (false, None) => DEFAULT_SOLVER.parse()?,
     };
-    if eta != 0.0 && !matches!(sampler, Sampler::Ddim { .. }) {
+    if eta != 0.0 && !matches!(sampler, SamplingMethod::Ddim { .. }) {
         bail!(
             "--eta {eta} is a DDIM setting; --solver {} has none",
             sampler.name()
@@ -59,12 +56,9 @@ pub fn respacing_of(steps: Option<usize>, respacing: Option<&str>) -> Result<Str
 /// Options of `ddpm-cli sample`.
 #[derive(Debug, Clone, Args)]
 pub struct SampleArgs {
-    /// Checkpoint folder (checkpoint-NNNNNNN).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// EMA rate whose weights to use ("model" for the raw weights; default: the first EMA).
-    #[arg(long)]
-    pub ema: Option<String>,
+    /// The checkpoint and its weights.
+    #[command(flatten)]
+    pub weights: crate::WeightsArgs,
     /// Number of samples.
     #[arg(long, default_value_t = 64)]
     pub num: usize,
@@ -107,23 +101,29 @@ pub struct SampleArgs {
     /// Animated GIF of the chain of the first batch.
     #[arg(long)]
     pub gif: Option<PathBuf>,
-    /// What the GIF shows: xt, x0 or both (side by side).
-    #[arg(long, default_value = "both")]
-    pub gif_show: String,
+    /// What the GIF shows: the noisy sample, the predicted x_0, or both side by side.
+    #[arg(long, value_enum, default_value_t = GifShow::Both)]
+    pub gif_show: GifShow,
     /// Frames in the GIF (one every total/frames steps, plus the last).
     #[arg(long, default_value_t = 40)]
     pub gif_frames: usize,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// f32, or bf16: bf16 products (f32 accumulation) in the 3×3 convolutions and their
-    /// gradients, on CPUs with AMX-BF16 or AVX512-BF16; weights, optimiser and everything else
-    /// stay f32.
-    #[arg(long, default_value = "f32")]
-    pub precision: ddpm_kernels::Precision,
+    /// Where and how to compute.
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// What the sampling GIF shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GifShow {
+    /// The noisy sample x_t.
+    Xt,
+    /// The model's prediction of x_0.
+    X0,
+    /// Both, side by side.
+    Both,
 }
 
 /// What `sample` produced.
@@ -133,7 +133,7 @@ pub struct Samples {
     /// Their labels (0 for unconditional models).
     pub labels: Vec<i64>,
     /// The sampler that drew them.
-    pub sampler: Sampler,
+    pub sampler: SamplingMethod,
 }
 
 /// Runs `sample` and writes the requested files.
@@ -148,9 +148,6 @@ pub fn run(args: &SampleArgs) -> Result<Samples> {
 pub fn generate(args: &SampleArgs) -> Result<Samples> {
     if args.num == 0 || args.batch_size == 0 {
         bail!("--num and --batch-size must be positive");
-    }
-    if !matches!(args.gif_show.as_str(), "xt" | "x0" | "both") {
-        bail!("--gif-show must be xt, x0 or both, not {:?}", args.gif_show);
     }
     // DDIM's eta runs from 0 (deterministic) to 1 (the DDPM posterior's noise); above 1 the
     // step's noise outgrows what the schedule leaves and the mean takes the root of a negative.
@@ -178,19 +175,14 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
             }
         }
     }
-    let device: Device = parse_device(&args.device)?;
-    let kernels = crate::kernel_options(args.precision, &device)?;
-    let ema = args
-        .ema
-        .as_deref()
-        .map(|e| if e == "model" { "" } else { e });
-    let loaded = load_model(&args.checkpoint, ema, kernels, &device)?;
+    let (device, kernels) = args.compute.open()?;
+    let loaded = args.weights.load(kernels, &device)?;
     let meta = &loaded.meta;
     let classes = meta.model.num_classes;
     match (args.class, classes) {
         (Some(_), None) => bail!(
             "--class given but the model in {} is unconditional",
-            args.checkpoint.display()
+            args.weights.checkpoint.display()
         ),
         (Some(c), Some(k)) if c as usize >= k => bail!("--class {c} is outside 0..{k}"),
         _ => {}
@@ -245,28 +237,12 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         let x_t = randn(&mut rng, (n, c, h, w), DType::F32, &device)?;
         let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(rng.random()));
         let record = bi == 0 && args.gif.is_some();
-        let model = &loaded.model;
-        let mut calls = 0usize;
-        let out = diffusion.sample_loop(
-            |x, ts| {
-                calls += 1;
-                let out = model
-                    .forward(x, ts, y_t.as_ref(), false)
-                    .map_err(candle_core::Error::wrap)?;
-                // A NaN or infinite output would end as a black image; stop and say where.
-                let sum = out.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !sum.is_finite() {
-                    let t = ts.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                    candle_core::bail!(
-                        "the model's output is not finite at sampling step {calls} of {total_steps} \
-                         (model timestep {}); the weights may hold NaN or infinite values",
-                        t.first().copied().unwrap_or(f64::NAN)
-                    );
-                }
-                Ok(out)
-            },
+        let out = ddpm_train::generate::sample_checked(
+            &loaded.model,
+            &diffusion,
             x_t,
             sampler,
+            y_t.as_ref(),
             args.clip_denoised,
             &mut noise,
             |s| {
@@ -296,7 +272,7 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.gif {
-        write_gif(&frames, &args.gif_show, path)?;
+        write_gif(&frames, args.gif_show, path)?;
         println!("wrote {} ({} frames)", path.display(), frames.len());
     }
     Ok(Samples {
@@ -336,7 +312,7 @@ pub fn check_writable(flag: &str, path: &std::path::Path) -> Result<()> {
 }
 
 /// Writes the recorded (x_t, predicted x_0) pairs as an animated GIF of grids.
-fn write_gif(frames: &[(Tensor, Tensor)], show: &str, path: &std::path::Path) -> Result<()> {
+fn write_gif(frames: &[(Tensor, Tensor)], show: GifShow, path: &std::path::Path) -> Result<()> {
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut enc = image::codecs::gif::GifEncoder::new(std::io::BufWriter::new(file));
@@ -344,9 +320,9 @@ fn write_gif(frames: &[(Tensor, Tensor)], show: &str, path: &std::path::Path) ->
     for (i, (xt, x0)) in frames.iter().enumerate() {
         let grid = |t: &Tensor| ddpm_train::grid::make_grid(&t.clamp(-1f32, 1f32)?);
         let img = match show {
-            "xt" => grid(xt)?,
-            "x0" => grid(x0)?,
-            _ => {
+            GifShow::Xt => grid(xt)?,
+            GifShow::X0 => grid(x0)?,
+            GifShow::Both => {
                 let (a, b) = (grid(xt)?, grid(x0)?);
                 let mut both = image::GrayImage::from_pixel(
                     a.width() + b.width() + 4,

@@ -1,6 +1,6 @@
 //! `ddpm-cli train`: the original's training script flags, in kebab case.
 
-use crate::{parse_device, parse_list};
+use crate::parse_list;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args};
 use ddpm_train::{
@@ -47,7 +47,7 @@ pub struct TrainArgs {
     pub sigma_small: bool,
     /// Beta schedule: linear or cosine.
     #[arg(long, default_value = "cosine")]
-    pub noise_schedule: String,
+    pub noise_schedule: ddpm_schedule::BetaSchedule,
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     pub diffusion_steps: usize,
@@ -68,7 +68,7 @@ pub struct TrainArgs {
     pub rescale_learned_sigmas: bool,
     /// Timestep sampler: uniform or loss-second-moment.
     #[arg(long, default_value = "uniform")]
-    pub schedule_sampler: String,
+    pub schedule_sampler: ddpm_train::TimestepSampling,
     /// Learning rate.
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
@@ -140,14 +140,9 @@ pub struct TrainArgs {
     /// Seed for initialisation, data order, timesteps, noise and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// f32, or bf16: bf16 products (f32 accumulation) in the 3×3 convolutions and their
-    /// gradients, on CPUs with AMX-BF16 or AVX512-BF16; weights, optimiser and everything else
-    /// stay f32.
-    #[arg(long, default_value = "f32")]
-    pub precision: ddpm_kernels::Precision,
+    /// Where and how to compute.
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -187,7 +182,7 @@ impl TrainArgs {
     pub fn diffusion(&self) -> DiffusionSettings {
         DiffusionSettings {
             diffusion_steps: self.diffusion_steps,
-            noise_schedule: self.noise_schedule.clone(),
+            noise_schedule: self.noise_schedule,
             learn_sigma: self.learn_sigma,
             sigma_small: self.sigma_small,
             use_kl: self.use_kl,
@@ -233,12 +228,12 @@ impl TrainArgs {
             sample_respacing: self.sample_respacing.clone(),
             keep_checkpoints: self.keep_checkpoints,
             steps: self.steps,
-            schedule_sampler: self.schedule_sampler.clone(),
+            schedule_sampler: self.schedule_sampler,
             grad_clip: self.grad_clip,
             class_cond: self.class_cond,
             seed: self.seed,
             // Checked against the device (and DDPM_ISA) in `run`, which sets them.
-            kernels: ddpm_kernels::KernelOptions::with_precision(self.precision),
+            kernels: ddpm_kernels::KernelOptions::with_precision(self.compute.precision),
         })
     }
 }
@@ -369,7 +364,10 @@ fn fixed_on_resume(
         "dropout" => pair(m.dropout.to_string(), args.dropout.to_string()),
         "learn_sigma" => pair(d.learn_sigma.to_string(), args.learn_sigma.to_string()),
         "sigma_small" => pair(d.sigma_small.to_string(), args.sigma_small.to_string()),
-        "noise_schedule" => pair(d.noise_schedule.clone(), args.noise_schedule.clone()),
+        "noise_schedule" => pair(
+            d.noise_schedule.to_string(),
+            args.noise_schedule.to_string(),
+        ),
         "diffusion_steps" => pair(
             d.diffusion_steps.to_string(),
             args.diffusion_steps.to_string(),
@@ -392,7 +390,10 @@ fn fixed_on_resume(
             d.rescale_learned_sigmas.to_string(),
             args.rescale_learned_sigmas.to_string(),
         ),
-        "schedule_sampler" => pair(t.schedule_sampler.clone(), args.schedule_sampler.clone()),
+        "schedule_sampler" => pair(
+            t.schedule_sampler.to_string(),
+            args.schedule_sampler.to_string(),
+        ),
         "ema_rate" => pair(
             format!("{:?}", t.ema_rate),
             format!("{:?}", parse_list::<f64>(&args.ema_rate, "--ema-rate")?),
@@ -467,8 +468,7 @@ pub fn run(
     args: &TrainArgs,
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<RunOutcome> {
-    let device = parse_device(&args.device)?;
-    let kernels = crate::kernel_options(args.precision, &device)?;
+    let (device, kernels) = args.compute.open()?;
     let data = ImageDataset::load(&args.data, Split::Train).with_context(|| {
         format!(
             "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",
@@ -485,7 +485,7 @@ pub fn run(
     let resume = resume_path(args)?;
     let mut trainer = match &resume {
         Some(ckpt) => {
-            let meta = CheckpointMeta::read(ckpt)?;
+            let meta = CheckpointMeta::<ddpm_unet::UNetConfig>::read(ckpt)?;
             let applied = check_resume_flags(args, &meta)?;
             let cfg = args.train_config_unchecked()?;
             Trainer::resume(ckpt, data, &args.out, &device, |c| {

@@ -10,7 +10,9 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use ddpm_schedule::{randn, DiffusionConfig, GaussianDiffusion, ModelVarType, RngNoise, Sampler};
+use ddpm_schedule::{
+    randn, DiffusionConfig, GaussianDiffusion, ModelVarType, RngNoise, SamplingMethod,
+};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -175,7 +177,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let samples = diffusion.sample_loop(
         |x, ts| mlp.forward(x, ts),
         x_end,
-        Sampler::Ddpm,
+        SamplingMethod::Ddpm,
         false,
         &mut RngNoise(rng.clone()),
         |_| {},

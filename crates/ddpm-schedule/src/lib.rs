@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use ddpm_schedule::{randn, DiffusionConfig, GaussianDiffusion, RngNoise, Sampler};
+//! use ddpm_schedule::{randn, DiffusionConfig, GaussianDiffusion, RngNoise, SamplingMethod};
 //! use rand::SeedableRng;
 //!
 //! // Ho et al.'s plain epsilon model (Improved DDPM's default also outputs a variance).
@@ -32,7 +32,7 @@
 //!
 //! let x_end = randn(&mut rng, (4, 1, 8, 8), f32, &dev)?;
 //! let mut steps = 0;
-//! let sample = diffusion.sample_loop(model, x_end, Sampler::Ddpm, true, &mut RngNoise(rng), |_| {
+//! let sample = diffusion.sample_loop(model, x_end, SamplingMethod::Ddpm, true, &mut RngNoise(rng), |_| {
 //!     steps += 1
 //! })?;
 //! assert_eq!((sample.dims(), steps), ([4, 1, 8, 8].as_slice(), 10));
@@ -57,7 +57,7 @@ pub use diffusion::{
 };
 pub use noise::{randn, FixedNoise, NoiseSource, RngNoise};
 pub use respace::{logsnr_timesteps, space_timesteps, SpacedSchedule, LOGSNR_NOISE_FLOOR};
-pub use sampling::{BpdTerms, SampleStep, Sampler, StepOutput};
+pub use sampling::{BpdTerms, SampleStep, SamplingMethod, StepOutput};
 pub use tables::Schedule;
 
 /// Errors raised while building schedules or running the diffusion process.

@@ -33,7 +33,7 @@ pub struct SampleStep<'a> {
 
 /// Which reverse process a loop runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sampler {
+pub enum SamplingMethod {
     /// Ancestral sampling of Ho et al.
     Ddpm,
     /// DDIM with the given eta (0 is deterministic).
@@ -47,7 +47,7 @@ pub enum Sampler {
     UniPc,
 }
 
-impl FromStr for Sampler {
+impl FromStr for SamplingMethod {
     type Err = ScheduleError;
     /// Parses a sampler name; "ddim" is DDIM with eta 0.
     fn from_str(s: &str) -> Result<Self> {
@@ -65,7 +65,7 @@ impl FromStr for Sampler {
     }
 }
 
-impl Sampler {
+impl SamplingMethod {
     /// The name used in configs and on the command line (DDIM's eta is not part of it).
     pub fn name(self) -> &'static str {
         match self {
@@ -188,7 +188,7 @@ impl GaussianDiffusion {
         &self,
         mut model: F,
         x_start_noise: Tensor,
-        sampler: Sampler,
+        sampler: SamplingMethod,
         clip_denoised: bool,
         noise: &mut dyn NoiseSource,
         mut on_step: C,
@@ -206,11 +206,11 @@ impl GaussianDiffusion {
             let ts = self.model_timestep_tensor(&t, img.dtype(), img.device())?;
             let model_output = model(&img, &ts)?.detach();
             let out = match (sampler, ode.as_mut()) {
-                (Sampler::Ddpm, _) => {
+                (SamplingMethod::Ddpm, _) => {
                     let z = noise.noise(img.shape(), img.dtype(), img.device())?;
                     self.p_sample(&model_output, &img, &t, &z, clip_denoised)?
                 }
-                (Sampler::Ddim { eta }, _) => {
+                (SamplingMethod::Ddim { eta }, _) => {
                     let z = noise.noise(img.shape(), img.dtype(), img.device())?;
                     self.ddim_sample(&model_output, &img, &t, &z, clip_denoised, eta)?
                 }
@@ -254,7 +254,7 @@ impl GaussianDiffusion {
         self.sample_loop(
             model,
             x_start_noise,
-            Sampler::Ddpm,
+            SamplingMethod::Ddpm,
             clip_denoised,
             noise,
             on_step,
@@ -279,7 +279,7 @@ impl GaussianDiffusion {
         self.sample_loop(
             model,
             x_start_noise,
-            Sampler::Ddim { eta },
+            SamplingMethod::Ddim { eta },
             clip_denoised,
             noise,
             on_step,

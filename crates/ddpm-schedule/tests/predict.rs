@@ -81,7 +81,7 @@ fn exact_eps_x0_and_v_models_sample_the_same_chain() {
             )
             .unwrap()
         };
-        for sampler in [Sampler::Ddpm, Sampler::Ddim { eta: 0.0 }] {
+        for sampler in [SamplingMethod::Ddpm, SamplingMethod::Ddim { eta: 0.0 }] {
             let eps = run(ModelMeanType::Epsilon, sampler);
             for mean in [ModelMeanType::StartX, ModelMeanType::V] {
                 let other = run(mean, sampler);

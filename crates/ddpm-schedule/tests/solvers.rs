@@ -17,10 +17,10 @@ use std::cell::RefCell;
 mod common;
 use common::*;
 
-const SOLVERS: [Sampler; 3] = [
-    Sampler::Ddim { eta: 0.0 },
-    Sampler::DpmSolverPp2m,
-    Sampler::UniPc,
+const SOLVERS: [SamplingMethod; 3] = [
+    SamplingMethod::Ddim { eta: 0.0 },
+    SamplingMethod::DpmSolverPp2m,
+    SamplingMethod::UniPc,
 ];
 
 fn values(x: &Tensor) -> Vec<f64> {
@@ -69,12 +69,12 @@ fn std(x: &Tensor) -> f64 {
     (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
 }
 
-fn sample(d: &GaussianDiffusion, sampler: Sampler, x_t: &Tensor, clip: bool) -> Tensor {
+fn sample(d: &GaussianDiffusion, sampler: SamplingMethod, x_t: &Tensor, clip: bool) -> Tensor {
     // The ODE solvers draw no noise: an empty FixedNoise would fail if they did.
     let mut noise = FixedNoise::default();
     let mut noise_for_ddim = RngNoise(ChaCha8Rng::seed_from_u64(99));
     let noise: &mut dyn NoiseSource = match sampler {
-        Sampler::DpmSolverPp2m | Sampler::UniPc => &mut noise,
+        SamplingMethod::DpmSolverPp2m | SamplingMethod::UniPc => &mut noise,
         _ => &mut noise_for_ddim,
     };
     d.sample_loop(exact_model(d), x_t.clone(), sampler, clip, noise, |_| {})
@@ -82,7 +82,7 @@ fn sample(d: &GaussianDiffusion, sampler: Sampler, x_t: &Tensor, clip: bool) -> 
 }
 
 /// |std of the samples - S0| for each respacing.
-fn std_errors(sampler: Sampler, respacings: &[&str]) -> Vec<f64> {
+fn std_errors(sampler: SamplingMethod, respacings: &[&str]) -> Vec<f64> {
     respacings
         .iter()
         .map(|r| {
@@ -116,7 +116,7 @@ fn sample_std_converges_to_the_data_std_as_steps_grow() {
         assert!(err[5] < bound_at_200[k], "{what}");
     }
     // 1000 DDIM steps, the full process.
-    let full = std_errors(Sampler::Ddim { eta: 0.0 }, &[""])[0];
+    let full = std_errors(SamplingMethod::Ddim { eta: 0.0 }, &[""])[0];
     assert!(full < 2e-3, "{full}");
 }
 
@@ -143,7 +143,7 @@ fn second_order_solvers_beat_ddim_at_ten_steps_and_converge_at_second_order() {
 
 /// One pixel's path under a solver, written from the published update rules (in the form of
 /// diffusers' schedulers, with sigma = 0 and lambda = inf at the clean point), in f64.
-fn reference(d: &GaussianDiffusion, sampler: Sampler, x_big_t: f64, clip: bool) -> f64 {
+fn reference(d: &GaussianDiffusion, sampler: SamplingMethod, x_big_t: f64, clip: bool) -> f64 {
     let s = d.schedule();
     let n = d.num_timesteps();
     // Node k is respaced index n-1-k; node n is the clean point.
@@ -174,11 +174,11 @@ fn reference(d: &GaussianDiffusion, sampler: Sampler, x_big_t: f64, clip: bool) 
     for k in 0..n {
         let m_k = predict(k, x);
         match sampler {
-            Sampler::Ddim { .. } => {
+            SamplingMethod::Ddim { .. } => {
                 let eps = (x - alpha[k] * m_k) / sigma[k];
                 x = alpha[k + 1] * m_k + sigma[k + 1] * eps;
             }
-            Sampler::DpmSolverPp2m => {
+            SamplingMethod::DpmSolverPp2m => {
                 m.push(m_k);
                 let h = lambda[k + 1] - lambda[k];
                 let first = k == 0 || k == n - 1;
@@ -189,7 +189,7 @@ fn reference(d: &GaussianDiffusion, sampler: Sampler, x_big_t: f64, clip: bool) 
                     x -= 0.5 * alpha[k + 1] * ((-h).exp() - 1.0) * d1;
                 }
             }
-            Sampler::UniPc => {
+            SamplingMethod::UniPc => {
                 if let Some((x_prev, order)) = last {
                     x = unic(&alpha, &sigma, &lambda, &m, k, x_prev, m_k, order);
                 }
@@ -198,7 +198,7 @@ fn reference(d: &GaussianDiffusion, sampler: Sampler, x_big_t: f64, clip: bool) 
                 last = Some((x, order));
                 x = unip(&alpha, &sigma, &lambda, &m, k, x, order);
             }
-            Sampler::Ddpm => unreachable!(),
+            SamplingMethod::Ddpm => unreachable!(),
         }
     }
     x
@@ -312,7 +312,7 @@ fn solvers_match_the_scalar_recursion_of_their_update_rules() {
 
 #[test]
 fn solvers_call_the_model_once_per_step_with_original_timesteps_descending() {
-    for sampler in [Sampler::DpmSolverPp2m, Sampler::UniPc] {
+    for sampler in [SamplingMethod::DpmSolverPp2m, SamplingMethod::UniPc] {
         let fixed = diffusion("ddim10", ModelMeanType::Epsilon, ModelVarType::FixedLarge);
         let x = x_t(&fixed, 2).to_dtype(DType::F32).unwrap();
         let seen = RefCell::new(Vec::new());
@@ -366,7 +366,7 @@ fn solvers_call_the_model_once_per_step_with_original_timesteps_descending() {
 #[test]
 fn same_seed_same_samples_and_different_seed_different_samples() {
     let d = diffusion("20", ModelMeanType::Epsilon, ModelVarType::LearnedRange);
-    let run = |sampler: Sampler, seed: u64| {
+    let run = |sampler: SamplingMethod, seed: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let x = randn(&mut rng, (2, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();
         let mut noise = RngNoise(rng);
@@ -375,13 +375,13 @@ fn same_seed_same_samples_and_different_seed_different_samples() {
             .unwrap();
         out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
-    for sampler in [Sampler::DpmSolverPp2m, Sampler::UniPc] {
+    for sampler in [SamplingMethod::DpmSolverPp2m, SamplingMethod::UniPc] {
         let a = run(sampler, 7);
         assert_eq!(a, run(sampler, 7), "{}", sampler.name());
         assert_ne!(a, run(sampler, 8), "{}", sampler.name());
         // Pinned: the first samples of seed 7 (the gain on x_T is about S0 here).
         let pinned: &[f32] = match sampler {
-            Sampler::DpmSolverPp2m => &PINNED_DPM,
+            SamplingMethod::DpmSolverPp2m => &PINNED_DPM,
             _ => &PINNED_UNIPC,
         };
         for (g, w) in a.iter().zip(pinned) {
@@ -396,17 +396,17 @@ const PINNED_UNIPC: [f32; 4] = [-0.25164255, -0.4489815, 0.28875118, 0.11676419]
 #[test]
 fn sampler_names_parse_and_bad_names_are_errors() {
     for (name, want) in [
-        ("ddpm", Sampler::Ddpm),
-        ("ddim", Sampler::Ddim { eta: 0.0 }),
-        ("dpm++2m", Sampler::DpmSolverPp2m),
-        ("unipc", Sampler::UniPc),
+        ("ddpm", SamplingMethod::Ddpm),
+        ("ddim", SamplingMethod::Ddim { eta: 0.0 }),
+        ("dpm++2m", SamplingMethod::DpmSolverPp2m),
+        ("unipc", SamplingMethod::UniPc),
     ] {
-        let got: Sampler = name.parse().unwrap();
+        let got: SamplingMethod = name.parse().unwrap();
         assert_eq!(got, want);
         assert_eq!(got.name(), name);
     }
-    assert_eq!(Sampler::Ddim { eta: 1.0 }.name(), "ddim");
-    match "dpm++3m".parse::<Sampler>() {
+    assert_eq!(SamplingMethod::Ddim { eta: 1.0 }.name(), "ddim");
+    match "dpm++3m".parse::<SamplingMethod>() {
         Err(ScheduleError::UnknownSetting {
             what,
             value,
@@ -417,7 +417,7 @@ fn sampler_names_parse_and_bad_names_are_errors() {
         }
         other => panic!("{other:?}"),
     }
-    let e = "UniPC".parse::<Sampler>().unwrap_err().to_string();
+    let e = "UniPC".parse::<SamplingMethod>().unwrap_err().to_string();
     assert!(
         e.contains("unknown solver \"UniPC\"") && e.contains("dpm++2m"),
         "{e}"
@@ -432,8 +432,8 @@ fn on_the_log_snr_grid_the_solvers_beat_ddim_at_every_step_count() {
     //   UniPC            7.42e-3 8.11e-4 1.15e-4
     let grids = ["logsnr10", "logsnr20", "logsnr50"];
     let [ddim, dpm, unipc] = SOLVERS.map(|s| std_errors(s, &grids));
-    let uniform_ddim = std_errors(Sampler::Ddim { eta: 0.0 }, &["10", "20", "50"]);
-    let uniform_dpm = std_errors(Sampler::DpmSolverPp2m, &["10", "20", "50"]);
+    let uniform_ddim = std_errors(SamplingMethod::Ddim { eta: 0.0 }, &["10", "20", "50"]);
+    let uniform_dpm = std_errors(SamplingMethod::DpmSolverPp2m, &["10", "20", "50"]);
     let what = format!("ddim {ddim:?} dpm {dpm:?} unipc {unipc:?} uniform {uniform_dpm:?}");
     for i in 0..3 {
         assert!(dpm[i] < ddim[i] / 5.0 && unipc[i] < ddim[i] / 5.0, "{what}");

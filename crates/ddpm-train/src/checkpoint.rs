@@ -1,5 +1,6 @@
 //! Checkpoint folders: weights, EMA weights, optimiser state and everything needed to resume.
 
+use crate::model::ModelConfig;
 use crate::settings::{DiffusionSettings, TrainConfig};
 use crate::{Result, TrainError};
 use ddpm_unet::UNetConfig;
@@ -40,12 +41,13 @@ mod u128_string {
     }
 }
 
-/// The contents of `config.json`: settings and progress.
+/// The contents of `config.json`: settings and progress, for a network whose architecture is
+/// `C` (the UNet's by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckpointMeta {
-    /// The UNet's configuration.
-    pub model: UNetConfig,
+#[serde(deny_unknown_fields, bound = "C: ModelConfig")]
+pub struct CheckpointMeta<C = UNetConfig> {
+    /// The network's configuration.
+    pub model: C,
     /// The diffusion process.
     pub diffusion: DiffusionSettings,
     /// Training settings.
@@ -61,7 +63,7 @@ pub struct CheckpointMeta {
     /// Data order: position within the epoch.
     pub data_pos: usize,
     /// The loss-second-moment sampler's history, when that sampler is used.
-    pub sampler: Option<crate::sampler::LossSecondMomentSampler>,
+    pub sampler: Option<crate::timestep_sampler::LossSecondMomentSampler>,
     /// The run this checkpoint belongs to (pruning removes only its own run's checkpoints);
     /// absent in checkpoints written before run ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +77,7 @@ pub struct CheckpointMeta {
     pub log_window: Option<crate::trainer::LogWindow>,
 }
 
-impl CheckpointMeta {
+impl<C: ModelConfig> CheckpointMeta<C> {
     /// Reads `config.json` from a checkpoint folder.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
@@ -124,7 +126,7 @@ pub fn load_model(
 ) -> Result<LoadedModel> {
     // Damage first: a damaged config.json is named as damage, not as a bad setting.
     crate::run_folder::verify_checkpoint(dir)?;
-    let meta = CheckpointMeta::read(dir)?;
+    let meta = CheckpointMeta::<ddpm_unet::UNetConfig>::read(dir)?;
     let have: Vec<String> = meta.train.ema_rate.iter().map(|r| r.to_string()).collect();
     let file = match ema {
         Some("") => MODEL_FILE.to_string(),
@@ -182,9 +184,11 @@ mod tests {
     #[test]
     fn reading_a_non_checkpoint_says_so() {
         let d = tempfile::tempdir().unwrap();
-        let e = CheckpointMeta::read(d.path()).unwrap_err().to_string();
+        let e = CheckpointMeta::<ddpm_unet::UNetConfig>::read(d.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not a checkpoint folder"), "{e}");
         std::fs::write(d.path().join(CONFIG_FILE), "{\"model\": 3}").unwrap();
-        assert!(CheckpointMeta::read(d.path()).is_err());
+        assert!(CheckpointMeta::<ddpm_unet::UNetConfig>::read(d.path()).is_err());
     }
 }

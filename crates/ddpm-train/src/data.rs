@@ -155,7 +155,35 @@ pub fn idx_path(dir: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Grayscale images with labels, kept as bytes; batches are scaled to [-1, 1].
+/// Labelled images the trainer draws batches from.
+pub trait Dataset {
+    /// Number of images.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The shape of one image, [channels, height, width].
+    fn image_shape(&self) -> [usize; 3];
+    /// Images `idx` as `[B, C, H, W]` f32 in [-1, 1], and their labels `[B]` (u32; zeros for an
+    /// unlabelled set).
+    fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)>;
+}
+
+impl Dataset for ImageDataset {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn image_shape(&self) -> [usize; 3] {
+        [1, self.height, self.width]
+    }
+    fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        ImageDataset::batch(self, idx, device)
+    }
+}
+
+/// Grayscale images with labels (IDX files: MNIST, Fashion-MNIST), kept as bytes; batches are
+/// scaled to [-1, 1].
 #[derive(Debug, Clone)]
 pub struct ImageDataset {
     images: Vec<u8>,

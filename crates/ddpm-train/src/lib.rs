@@ -9,7 +9,7 @@
 //! Timesteps come from a seeded generator, so the same seed draws the same training batches:
 //!
 //! ```
-//! use ddpm_train::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
+//! use ddpm_train::{LossSecondMomentSampler, TimestepSampler, UniformSampler};
 //! use rand::SeedableRng;
 //!
 //! let draw = |seed| {
@@ -29,18 +29,24 @@ pub mod degrade;
 pub mod download;
 pub mod ema;
 pub mod eval;
+pub mod generate;
 pub mod grid;
+pub mod model;
+pub mod nll;
 pub mod optim;
 pub mod plot;
 pub mod run_folder;
-pub mod sampler;
 pub mod settings;
+pub mod timestep_sampler;
 pub mod trainer;
 
 pub use checkpoint::CheckpointMeta;
-pub use data::{ImageDataset, Split};
-pub use sampler::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
+pub use data::{Dataset, ImageDataset, Split};
+pub use model::{ModelConfig, TrainableModel};
 pub use settings::{DiffusionSettings, EmaWarmup, LrSchedule, TrainConfig};
+pub use timestep_sampler::{
+    LossSecondMomentSampler, TimestepSampler, TimestepSampling, UniformSampler,
+};
 pub use trainer::{RunOutcome, StepStats, Trainer};
 
 /// Errors raised while training.

@@ -1,17 +1,42 @@
 //! Serializable settings, named after the original training script's flags.
 
+use crate::timestep_sampler::TimestepSampling;
 use crate::{Result, TrainError};
-use ddpm_schedule::{DiffusionConfig, LossType, ModelMeanType, ModelVarType};
+use ddpm_schedule::{BetaSchedule, DiffusionConfig, LossType, ModelMeanType, ModelVarType};
 use serde::{Deserialize, Serialize};
 
 /// The diffusion flags of the original's `create_gaussian_diffusion`.
+/// Settings with a fixed set of values, stored in JSON under their names (`"cosine"`,
+/// `"loss-second-moment"`) and parsed back with an error that lists the accepted ones.
+mod by_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiffusionSettings {
     /// Number of diffusion steps T.
     pub diffusion_steps: usize,
-    /// "linear" or "cosine".
-    pub noise_schedule: String,
+    /// The beta schedule ("linear" or "cosine" in config.json).
+    #[serde(with = "by_name")]
+    pub noise_schedule: BetaSchedule,
     /// Learn the variance (learned-range sigma; the model outputs 2·C channels).
     pub learn_sigma: bool,
     /// With a fixed variance, use the posterior variance instead of beta.
@@ -37,7 +62,7 @@ impl Default for DiffusionSettings {
     fn default() -> Self {
         Self {
             diffusion_steps: 1000,
-            noise_schedule: "cosine".into(),
+            noise_schedule: BetaSchedule::Cosine,
             learn_sigma: true,
             sigma_small: false,
             use_kl: false,
@@ -79,10 +104,7 @@ impl DiffusionSettings {
             }
         }
         Ok(DiffusionConfig {
-            beta_schedule: self
-                .noise_schedule
-                .parse()
-                .map_err(|e| TrainError::Config(format!("{e}")))?,
+            beta_schedule: self.noise_schedule,
             num_timesteps: self.diffusion_steps,
             respacing: respacing.unwrap_or(&self.timestep_respacing).to_string(),
             model_mean_type: if self.predict_xstart {
@@ -207,8 +229,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Stop after this many steps in total.
     pub steps: u64,
-    /// "uniform" or "loss-second-moment".
-    pub schedule_sampler: String,
+    /// The timestep sampler ("uniform" or "loss-second-moment" in config.json).
+    #[serde(with = "by_name")]
+    pub schedule_sampler: TimestepSampling,
     /// Clip the global gradient norm to this (None = no clipping, as the original).
     pub grad_clip: Option<f64>,
     /// Train a class-conditional model.
@@ -240,7 +263,7 @@ impl Default for TrainConfig {
             sample_respacing: "100".into(),
             keep_checkpoints: 3,
             steps: 10_000,
-            schedule_sampler: "uniform".into(),
+            schedule_sampler: TimestepSampling::Uniform,
             grad_clip: None,
             class_cond: false,
             seed: 0,
@@ -296,15 +319,6 @@ impl TrainConfig {
         }
         if self.log_interval == 0 || self.save_interval == 0 {
             return fail("log_interval and save_interval must be positive".into());
-        }
-        if !matches!(
-            self.schedule_sampler.as_str(),
-            "uniform" | "loss-second-moment"
-        ) {
-            return fail(format!(
-                "unknown schedule sampler {:?} (uniform, loss-second-moment)",
-                self.schedule_sampler
-            ));
         }
         if let Some(c) = self.grad_clip {
             if !(c > 0.0 && c.is_finite()) {
@@ -392,12 +406,14 @@ mod tests {
             )
         );
         assert_eq!(d.respacing, "ddim10");
-        assert!(DiffusionSettings {
-            noise_schedule: "quad".into(),
-            ..Default::default()
-        }
-        .to_config(None)
-        .is_err());
+        let e = serde_json::from_str::<DiffusionSettings>(
+            &serde_json::to_string(&DiffusionSettings::default())
+                .unwrap()
+                .replace("\"cosine\"", "\"quad\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown beta schedule \"quad\""), "{e}");
     }
 
     #[test]
@@ -462,7 +478,6 @@ mod tests {
         };
         assert!(e(|c| c.microbatch = 65).contains("microbatch 65"));
         assert!(e(|c| c.ema_rate = vec![1.0]).contains("ema rate"));
-        assert!(e(|c| c.schedule_sampler = "x".into()).contains("unknown schedule sampler"));
         assert!(e(|c| c.lr = 0.0).contains("lr"));
         // Non-finite settings are errors before any work.
         assert!(e(|c| c.lr = f64::NAN).contains("lr"));

@@ -1,16 +1,19 @@
 //! The training loop: hybrid-loss steps, EMA, logging, sample grids and exact resumption.
 
 use crate::checkpoint::{self, CheckpointMeta, RngState};
-use crate::data::{EpochShuffler, ImageDataset};
+use crate::data::{Dataset, EpochShuffler, ImageDataset};
 use crate::ema::Ema;
+use crate::model::{ModelConfig, TrainableModel};
 use crate::optim::{grad_norm, scale_grads, AdamW, AdamWConfig};
-use crate::sampler::{LossSecondMomentSampler, ScheduleSampler, UniformSampler};
 use crate::settings::{DiffusionSettings, TrainConfig};
+use crate::timestep_sampler::{
+    LossSecondMomentSampler, TimestepSampler, TimestepSampling, UniformSampler,
+};
 use crate::{grid, Result, TrainError};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use ddpm_kernels::profile::{timed, OpClass};
-use ddpm_schedule::{randn, GaussianDiffusion, RngNoise};
-use ddpm_unet::{ParamStore, UNet, UNetConfig};
+use ddpm_schedule::{randn, Denoiser, GaussianDiffusion, RngNoise};
+use ddpm_unet::{ParamStore, UNetConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -20,9 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Which timestep sampler a run uses.
+/// The timestep sampler of a run, with its state.
 #[derive(Debug, Clone)]
-enum Sampler {
+enum TimestepSamplers {
     Uniform(UniformSampler),
     LossSecondMoment(LossSecondMomentSampler),
 }
@@ -59,20 +62,21 @@ pub enum RunOutcome {
     Interrupted(PathBuf),
 }
 
-/// A training run on an image data set.
-pub struct Trainer {
-    model_cfg: UNetConfig,
+/// A training run of the network a `C` builds (the UNet by default) on an image data set `D` (MNIST-style
+/// IDX files by default).
+pub struct Trainer<C: ModelConfig = UNetConfig, D: Dataset = ImageDataset> {
+    model_cfg: C,
     diffusion_settings: DiffusionSettings,
     /// Training settings.
     pub cfg: TrainConfig,
     store: ParamStore,
     params: Vec<(String, Var)>,
-    model: UNet,
+    model: C::Model,
     diffusion: GaussianDiffusion,
     opt: AdamW,
     emas: Vec<Ema>,
-    sampler: Sampler,
-    data: ImageDataset,
+    sampler: TimestepSamplers,
+    data: D,
     shuffler: EpochShuffler,
     rng: ChaCha8Rng,
     run_dir: PathBuf,
@@ -87,30 +91,37 @@ pub struct Trainer {
     device: Device,
 }
 
-impl Trainer {
+impl<C: ModelConfig, D: Dataset> Trainer<C, D> {
     /// A new run: a freshly initialised model (seeded by `cfg.seed`) writing to `run_dir`.
     pub fn new(
-        model_cfg: UNetConfig,
+        model_cfg: C,
         diffusion_settings: DiffusionSettings,
         cfg: TrainConfig,
-        data: ImageDataset,
+        data: D,
         run_dir: &Path,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        model_cfg.validate()?;
-        model_cfg.validate_image_size(data.height, data.width)?;
-        if cfg.class_cond != model_cfg.num_classes.is_some() {
+        ModelConfig::validate(&model_cfg)?;
+        let [channels, height, width] = data.image_shape();
+        ModelConfig::validate_image_size(&model_cfg, height, width)?;
+        if channels != model_cfg.in_channels() {
+            return Err(TrainError::Config(format!(
+                "the data has {channels}-channel images; the model takes {}",
+                model_cfg.in_channels()
+            )));
+        }
+        if cfg.class_cond != model_cfg.num_classes().is_some() {
             return Err(TrainError::Config(
                 "class_cond and the model's num_classes disagree".into(),
             ));
         }
-        if diffusion_settings.out_channels(model_cfg.in_channels) != model_cfg.out_channels {
+        if diffusion_settings.out_channels(model_cfg.in_channels()) != model_cfg.out_channels() {
             return Err(TrainError::Config(format!(
                 "learn_sigma={} needs out_channels = {}, the model has {}",
                 diffusion_settings.learn_sigma,
-                diffusion_settings.out_channels(model_cfg.in_channels),
-                model_cfg.out_channels
+                diffusion_settings.out_channels(model_cfg.in_channels()),
+                model_cfg.out_channels()
             )));
         }
         let diffusion = GaussianDiffusion::new(&diffusion_settings.to_config(Some(""))?)?;
@@ -131,7 +142,7 @@ impl Trainer {
                 })?;
         }
         let store = ParamStore::new(cfg.seed, DType::F32, device);
-        let model = UNet::with_kernels(store.var_builder(), &model_cfg, cfg.kernels)?;
+        let model = model_cfg.build(store.var_builder(), cfg.kernels)?;
         let params = store.vars();
         let opt = AdamW::new(
             params.clone(),
@@ -147,12 +158,14 @@ impl Trainer {
             .map(|&r| Ema::new(r, &params))
             .collect::<Result<_>>()?;
         let n = diffusion.num_timesteps();
-        let sampler = match cfg.schedule_sampler.as_str() {
-            "loss-second-moment" => Sampler::LossSecondMoment(LossSecondMomentSampler::new(n)),
-            _ => Sampler::Uniform(UniformSampler::new(n)),
+        let sampler = match cfg.schedule_sampler {
+            TimestepSampling::LossSecondMoment => {
+                TimestepSamplers::LossSecondMoment(LossSecondMomentSampler::new(n))
+            }
+            TimestepSampling::Uniform => TimestepSamplers::Uniform(UniformSampler::new(n)),
         };
         Ok(Self {
-            shuffler: EpochShuffler::new(data.len, cfg.seed, 0, 0),
+            shuffler: EpochShuffler::new(data.len(), cfg.seed, 0, 0),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
             model_cfg,
             diffusion_settings,
@@ -181,14 +194,14 @@ impl Trainer {
     /// `update` may change settings that do not affect the model (steps, intervals, lr, ...).
     pub fn resume(
         ckpt: &Path,
-        data: ImageDataset,
+        data: D,
         run_dir: &Path,
         device: &Device,
         update: impl FnOnce(&mut TrainConfig),
     ) -> Result<Self> {
         // Damage first, as in `load_model`: a damaged config.json is named as damage.
         crate::run_folder::verify_checkpoint(ckpt)?;
-        let meta = CheckpointMeta::read(ckpt)?;
+        let meta = CheckpointMeta::<C>::read(ckpt)?;
         let mut cfg = meta.train.clone();
         update(&mut cfg);
         if cfg.steps < meta.step {
@@ -199,7 +212,7 @@ impl Trainer {
                 cfg.steps
             )));
         }
-        if meta.data_pos > data.len || meta.data_len.is_some_and(|n| n != data.len) {
+        if meta.data_pos > data.len() || meta.data_len.is_some_and(|n| n != data.len()) {
             return Err(TrainError::Config(format!(
                 "{} was trained on {} images (at position {} of an epoch); this training set \
                  has {}: resume with the same data",
@@ -207,7 +220,7 @@ impl Trainer {
                 meta.data_len
                     .map_or_else(|| "a different number of".to_string(), |n| n.to_string()),
                 meta.data_pos,
-                data.len
+                data.len()
             )));
         }
         if cfg.ema_rate != meta.train.ema_rate
@@ -249,8 +262,9 @@ impl Trainer {
         }
         t.rng = ChaCha8Rng::seed_from_u64(meta.rng.seed);
         t.rng.set_word_pos(meta.rng.word_pos);
-        t.shuffler = EpochShuffler::new(t.data.len, t.cfg.seed, meta.data_epoch, meta.data_pos);
-        if let (Sampler::LossSecondMoment(s), Some(saved)) = (&mut t.sampler, meta.sampler) {
+        t.shuffler = EpochShuffler::new(t.data.len(), t.cfg.seed, meta.data_epoch, meta.data_pos);
+        if let (TimestepSamplers::LossSecondMoment(s), Some(saved)) = (&mut t.sampler, meta.sampler)
+        {
             *s = saved;
         }
         t.step = meta.step;
@@ -298,8 +312,14 @@ impl Trainer {
         })
     }
 
+    /// The image size [height, width] of the data.
+    fn image_size(&self) -> [usize; 2] {
+        let [_, h, w] = self.data.image_shape();
+        [h, w]
+    }
+
     /// The model being trained.
-    pub fn model(&self) -> &UNet {
+    pub fn model(&self) -> &C::Model {
         &self.model
     }
 
@@ -341,17 +361,13 @@ impl Trainer {
                 .then(|| y.narrow(0, start, len))
                 .transpose()?;
             let (t, w) = match &self.sampler {
-                Sampler::Uniform(s) => s.sample(len, &mut self.rng),
-                Sampler::LossSecondMoment(s) => s.sample(len, &mut self.rng),
+                TimestepSamplers::Uniform(s) => s.sample(len, &mut self.rng),
+                TimestepSamplers::LossSecondMoment(s) => s.sample(len, &mut self.rng),
             };
             let noise = randn(&mut self.rng, xm.shape().clone(), DType::F32, &self.device)?;
             let model = &self.model;
             let terms = self.diffusion.training_losses(
-                |xt, ts| {
-                    model
-                        .forward(xt, ts, ym.as_ref(), true)
-                        .map_err(candle_core::Error::wrap)
-                },
+                |xt, ts| model.denoise(xt, ts, ym.as_ref(), true),
                 &xm,
                 &t,
                 &noise,
@@ -372,7 +388,7 @@ impl Trainer {
                     vb.as_ref().map(|v| v[i]),
                 ));
             }
-            if let Sampler::LossSecondMoment(s) = &mut self.sampler {
+            if let TimestepSamplers::LossSecondMoment(s) = &mut self.sampler {
                 s.update_with_losses(&t, &losses);
             }
             let w = Tensor::from_vec(
@@ -458,7 +474,7 @@ impl Trainer {
             model: self.model_cfg.clone(),
             diffusion: self.diffusion_settings.clone(),
             train: self.cfg.clone(),
-            image_size: [self.data.height, self.data.width],
+            image_size: self.image_size(),
             step: self.step,
             rng: RngState {
                 seed: self.cfg.seed.wrapping_add(1),
@@ -467,11 +483,11 @@ impl Trainer {
             data_epoch: self.shuffler.epoch,
             data_pos: self.shuffler.pos,
             sampler: match &self.sampler {
-                Sampler::LossSecondMoment(s) => Some(s.clone()),
-                Sampler::Uniform(_) => None,
+                TimestepSamplers::LossSecondMoment(s) => Some(s.clone()),
+                TimestepSamplers::Uniform(_) => None,
             },
             run_id: self.run_id.clone(),
-            data_len: Some(self.data.len),
+            data_len: Some(self.data.len()),
             log_window: Some(self.log.clone()),
         };
         self.create_run_dir()?;
@@ -531,7 +547,7 @@ impl Trainer {
             Some(e) => e.params.clone(),
             None => self.store.tensors()?,
         };
-        let size = [self.data.height, self.data.width];
+        let size = self.image_size();
         let x = sample_images(
             &self.model_cfg,
             &self.diffusion_settings,
@@ -628,10 +644,11 @@ impl Trainer {
     }
 }
 
-/// Samples `n` images with the weights `weights` (seeded), for grids and quick looks.
+/// Samples `n` images with the weights `weights` (seeded) of the network `model_cfg` builds, for grids and quick
+/// looks.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_images(
-    model_cfg: &UNetConfig,
+pub fn sample_images<C: ModelConfig>(
+    model_cfg: &C,
     settings: &DiffusionSettings,
     weights: &HashMap<String, Tensor>,
     image_size: [usize; 2],
@@ -642,18 +659,18 @@ pub fn sample_images(
     device: &Device,
 ) -> Result<Tensor> {
     let store = ParamStore::new(0, DType::F32, device);
-    let model = UNet::with_kernels(store.var_builder(), model_cfg, kernels)?;
+    let model = model_cfg.build(store.var_builder(), kernels)?;
     store.set_tensors(weights)?;
     let diffusion = GaussianDiffusion::new(&settings.to_config(Some(respacing))?)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5A4D_504C_4553);
     let [h, w] = image_size;
     let x_t = randn(
         &mut rng,
-        (n, model_cfg.in_channels, h, w),
+        (n, model_cfg.in_channels(), h, w),
         DType::F32,
         device,
     )?;
-    let labels = match model_cfg.num_classes {
+    let labels = match model_cfg.num_classes() {
         Some(k) => Some(Tensor::from_vec(
             (0..n).map(|i| (i % k) as u32).collect::<Vec<_>>(),
             n,
@@ -663,11 +680,7 @@ pub fn sample_images(
     };
     let mut noise = RngNoise(rng);
     let out = diffusion.p_sample_loop(
-        |x, ts| {
-            model
-                .forward(x, ts, labels.as_ref(), false)
-                .map_err(candle_core::Error::wrap)
-        },
+        model.sampling_fn(labels.as_ref()),
         x_t,
         true,
         &mut noise,

@@ -157,7 +157,7 @@ proptest! {
             mutate(valid_config().into_bytes(), &edits, cut)
         };
         std::fs::write(dir.path().join("config.json"), text).unwrap();
-        if let Ok(meta) = CheckpointMeta::read(dir.path()) {
+        if let Ok(meta) = CheckpointMeta::<ddpm_unet::UNetConfig>::read(dir.path()) {
             // Whatever loads builds a model (a valid config is a buildable one).
             let store = ParamStore::new(0, DType::F32, &Device::Cpu);
             if meta.model.model_channels <= 64 && meta.model.channel_mult.len() <= 3 {

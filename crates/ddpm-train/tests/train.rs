@@ -38,7 +38,7 @@ fn tiny_train(steps: u64) -> TrainConfig {
         save_interval: 1000,
         sample_interval: 0,
         ema_rate: vec![0.9, 0.99],
-        schedule_sampler: "loss-second-moment".into(),
+        schedule_sampler: ddpm_train::TimestepSampling::LossSecondMoment,
         keep_checkpoints: 0,
         seed: 3,
         ..TrainConfig::default()
@@ -117,7 +117,8 @@ fn the_newer_recipe_resumes_exactly_and_its_ema_starts_at_the_weights() {
     let mut got = losses(&mut first, 3);
     let ckpt = first.save().unwrap();
     drop(first);
-    let mut resumed = Trainer::resume(&ckpt, data(), b.path(), &Device::Cpu, |_| {}).unwrap();
+    let mut resumed =
+        Trainer::<UNetConfig>::resume(&ckpt, data(), b.path(), &Device::Cpu, |_| {}).unwrap();
     assert_eq!(resumed.cfg.ema_warmup, Some(EmaWarmup::default()));
     assert!(resumed.diffusion_settings().snr_gamma == Some(5.0));
     got.extend(losses(&mut resumed, 3));
@@ -150,7 +151,8 @@ fn n_steps_resume_n_steps_equals_2n_steps() {
     let mut got = losses(&mut first, 4);
     let ckpt = first.save().unwrap();
     drop(first);
-    let mut resumed = Trainer::resume(&ckpt, data(), b.path(), &Device::Cpu, |_| {}).unwrap();
+    let mut resumed =
+        Trainer::<UNetConfig>::resume(&ckpt, data(), b.path(), &Device::Cpu, |_| {}).unwrap();
     assert_eq!(resumed.step, 4);
     got.extend(losses(&mut resumed, 4));
     assert_eq!(
@@ -229,7 +231,7 @@ fn the_stop_flag_saves_a_checkpoint_and_returns() {
     let RunOutcome::Interrupted(ckpt) = outcome else {
         panic!("expected an interrupted run")
     };
-    let meta = CheckpointMeta::read(&ckpt).unwrap();
+    let meta = CheckpointMeta::<ddpm_unet::UNetConfig>::read(&ckpt).unwrap();
     assert_eq!(meta.step, 1);
     assert_eq!(meta.image_size, [8, 8]);
     for f in [
@@ -310,7 +312,7 @@ fn mismatched_settings_are_rejected() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("class_cond"), "{e}");
-    let e = Trainer::resume(dir.path(), data(), dir.path(), &Device::Cpu, |_| {})
+    let e = Trainer::<UNetConfig>::resume(dir.path(), data(), dir.path(), &Device::Cpu, |_| {})
         .err()
         .unwrap();
     assert!(e.to_string().contains("not a checkpoint folder"), "{e}");

@@ -376,7 +376,7 @@ fn unet_forward(case: &Case) -> Result<()> {
 }
 
 fn loss_second_moment_weights(case: &Case) -> Result<()> {
-    use ddpm_train::{LossSecondMomentSampler, ScheduleSampler};
+    use ddpm_train::{LossSecondMomentSampler, TimestepSampler};
     let mut s = LossSecondMomentSampler::with_params(
         case.usize("num_timesteps")?,
         case.usize("history_per_term")?,

@@ -4,9 +4,53 @@ use crate::{Result, TrainError};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// Which timestep sampler a run uses (the original's `--schedule_sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TimestepSampling {
+    /// Every timestep equally likely ([`UniformSampler`]).
+    #[default]
+    Uniform,
+    /// Importance sampling by the loss history ([`LossSecondMomentSampler`]).
+    LossSecondMoment,
+}
+
+impl TimestepSampling {
+    /// Every choice.
+    pub const ALL: [TimestepSampling; 2] = [Self::Uniform, Self::LossSecondMoment];
+
+    /// The name the original and `--schedule-sampler` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uniform => "uniform",
+            Self::LossSecondMoment => "loss-second-moment",
+        }
+    }
+}
+
+impl std::fmt::Display for TimestepSampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for TimestepSampling {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "unknown schedule sampler {s:?} (expected uniform or loss-second-moment)"
+                ))
+            })
+    }
+}
+
 /// A distribution over timesteps, sampled with importance weights 1/(T·p) so the loss stays
-/// an unbiased estimate of the uniform-timestep objective.
-pub trait ScheduleSampler {
+/// an unbiased estimate of the uniform-timestep objective (the original's `ScheduleSampler`).
+#[doc(alias = "ScheduleSampler")]
+pub trait TimestepSampler {
     /// Unnormalised positive weights, one per timestep.
     fn weights(&self) -> Vec<f64>;
 
@@ -61,7 +105,7 @@ impl UniformSampler {
     }
 }
 
-impl ScheduleSampler for UniformSampler {
+impl TimestepSampler for UniformSampler {
     fn weights(&self) -> Vec<f64> {
         vec![1.0; self.num_timesteps]
     }
@@ -119,7 +163,7 @@ impl LossSecondMomentSampler {
     }
 }
 
-impl ScheduleSampler for LossSecondMomentSampler {
+impl TimestepSampler for LossSecondMomentSampler {
     fn weights(&self) -> Vec<f64> {
         let n = self.history.len();
         if !self.warmed_up() {
