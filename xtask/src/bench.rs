@@ -118,11 +118,17 @@ fn synthetic_data(n: usize) -> ImageDataset {
     .expect("consistent synthetic data")
 }
 
-/// The kernels our side runs at `precision`, within the benchmark's family limit.
+/// The kernels our side runs at `precision`, within the benchmark's family limit
+/// (`--isa`, else `DDPM_ISA`), or plain Candle ops with `DDPM_PLAIN_OPS=1`.
 fn our_kernels(opts: &BenchOptions, precision: Precision) -> KernelOptions {
+    let plain = std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty());
     KernelOptions {
         precision,
-        choice: opts.isa.map_or(KernelChoice::Auto, KernelChoice::UpTo),
+        choice: match opts.isa {
+            _ if plain => KernelChoice::Plain,
+            Some(isa) => KernelChoice::UpTo(isa),
+            None => KernelChoice::Auto,
+        },
     }
 }
 

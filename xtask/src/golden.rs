@@ -107,13 +107,14 @@ pub fn compute(dir: &Path, kernels: KernelOptions) -> Result<HashMap<String, Ten
     }
     out.insert(
         "train_losses".into(),
-        Tensor::new(training_losses()?.as_slice(), &device)?,
+        Tensor::new(training_losses(kernels)?.as_slice(), &device)?,
     );
     Ok(out)
 }
 
-/// The first losses of a fixed-seed run of the golden architecture on fixed synthetic data.
-fn training_losses() -> Result<Vec<f64>> {
+/// The first losses of a fixed-seed run of the golden architecture on fixed synthetic data,
+/// computed with `kernels`.
+fn training_losses(kernels: KernelOptions) -> Result<Vec<f64>> {
     let n = 32;
     let images = IdxArray {
         dims: vec![n, 28, 28],
@@ -138,6 +139,7 @@ fn training_losses() -> Result<Vec<f64>> {
         sample_interval: 0,
         seed: 11,
         schedule_sampler: ddpm_train::TimestepSampling::Uniform,
+        kernels,
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(
@@ -320,8 +322,7 @@ mod tests {
     use super::*;
 
     /// The samplers, the UNet and the first training steps still give the golden numbers, in
-    /// every kernel family this CPU runs, f32 and bf16 (one test: the kernel choice is
-    /// process-wide).
+    /// every kernel family this CPU runs, f32 and bf16.
     #[test]
     fn golden_outputs_are_unchanged_in_every_kernel_family() {
         let dir = golden_dir();

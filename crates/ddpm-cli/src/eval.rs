@@ -102,7 +102,9 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     let device = Device::Cpu;
     let clf = Classifier::pretrained(&device)?;
     let f_test = test_features(&clf, &test)?;
-    let gen = Scores::of_images(&clf, &samples.images, &f_test)?;
+    // The classifier runs on the CPU, wherever the samples were drawn.
+    let images = samples.images.to_device(&device)?;
+    let gen = Scores::of_images(&clf, &images, &f_test)?;
     if args.num > train.len {
         tracing::warn!(
             "the real-data floor uses all {} training images, fewer than the {} samples",

@@ -1,5 +1,7 @@
 //! The `ddpm-cli` commands as a library, so `cargo xtask` can run them in-process.
 
+#![warn(missing_docs)]
+
 pub mod eval;
 pub mod nll;
 pub mod options;

@@ -120,6 +120,12 @@ pub fn kernel_options(
     use ddpm_kernels::Isa;
     let opts = KernelOptions::with_precision(p).with_env_overrides()?;
     if p == Precision::Bf16 {
+        if opts.choice == ddpm_kernels::KernelChoice::Plain {
+            anyhow::bail!(
+                "--precision bf16 needs the fast CPU kernels, and DDPM_PLAIN_OPS asks for plain \
+                 Candle ops; unset DDPM_PLAIN_OPS or use --precision f32"
+            );
+        }
         if !device.is_cpu() {
             anyhow::bail!(
                 "--precision bf16 applies to the CPU kernels; on {device:?} use --precision f32"

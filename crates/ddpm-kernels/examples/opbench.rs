@@ -63,7 +63,7 @@ fn main() -> Result<()> {
         opts.describe()
     );
     let mode = std::env::args().nth(2).unwrap_or_default();
-    let only_unet = mode == "resblock";
+    let only_resblock = mode == "resblock";
     // (c_in, c_out, size, kernel, stride, how many times the MNIST UNet has it)
     let convs = [
         (1, 32, 28, 3, 1, 1),
@@ -88,7 +88,7 @@ fn main() -> Result<()> {
         (128, 64, 7, 1, 1, 3),
     ];
     let (mut tot_f, mut tot_b, mut tot_flop) = (0.0, 0.0, 0.0);
-    if !only_unet {
+    if !only_resblock {
         // What backward() itself costs on an output of the largest size, without any op.
         let x = Var::from_tensor(&rand(&[b, 32, 28, 28], 1)?)?;
         let g = rand(&[b, 32, 28, 28], 2)?;
@@ -98,7 +98,7 @@ fn main() -> Result<()> {
         let o2 = time(5, || (x.as_tensor() * 1.0)?.backward().map(|_| ()))?;
         println!("backward overhead on {b}x32x28x28: mul+sum {o1:.2} ms, affine {o2:.2} ms");
     }
-    for (i, &(ci, co, hw, k, s, count)) in convs.iter().enumerate().filter(|_| !only_unet) {
+    for (i, &(ci, co, hw, k, s, count)) in convs.iter().enumerate().filter(|_| !only_resblock) {
         let x = Var::from_tensor(&rand(&[b, ci, hw, hw], i as u64)?)?;
         let w = Var::from_tensor(&(rand(&[co, ci, k, k], 100 + i as u64)? * 0.1)?)?;
         let bias = Var::from_tensor(&rand(&[co], 200 + i as u64)?)?;
@@ -190,7 +190,7 @@ fn main() -> Result<()> {
         2.0 * tot_flop / tot_b / 1e6
     );
 
-    if !only_unet {
+    if !only_resblock {
         // GroupNorm + scale-shift + SiLU on the largest activation.
         let x = Var::from_tensor(&rand(&[b, 32, 28, 28], 7)?)?;
         let gamma = Var::from_tensor(&(rand(&[32], 8)? + 1.0)?)?;

@@ -1,8 +1,8 @@
 //! Fast CPU kernels for diffusion UNets, as Candle custom ops with their own backward passes.
 //!
 //! Five ops cover the hot path of an improved-diffusion UNet: [`conv2d`] (3×3, 1×1 and strided),
-//! [`conv1x1`] on sequences, [`group_norm`] fused with FiLM scale-shift and SiLU, multi-head
-//! [`attention`] and [`upsample_nearest2x`]. Each takes a [`KernelOptions`] value saying how to
+//! [`conv1x1`] on sequences, [`group_norm()`] fused with FiLM scale-shift and SiLU, multi-head
+//! [`attention()`] and [`upsample_nearest2x`]. Each takes a [`KernelOptions`] value saying how to
 //! compute it, so two models with different options live side by side in one process. On the
 //! CPU with f32 tensors they run hand-written kernels in the family ([`Isa`]) the CPU runs,
 //! detected at run time:
@@ -30,6 +30,8 @@
 //! assert!(err < 1e-4);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod attention;
 pub mod conv;

@@ -18,6 +18,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![warn(missing_docs)]
+
 use candle_core::{DType, Shape, Tensor, D};
 
 /// Errors raised by the distribution helpers.

@@ -33,8 +33,8 @@ use candle_core::{Result, Tensor};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait Denoiser {
-    /// The model output for `x_t` at timesteps `t` ([B], f32, in the model's own numbering),
-    /// with class labels `y` ([B], integer) for a conditional model; `train` enables dropout.
+    /// The model output for `x_t` at timesteps `t` (`[B]`, f32, in the model's own numbering),
+    /// with class labels `y` (`[B]`, integer) for a conditional model; `train` enables dropout.
     fn denoise(&self, x_t: &Tensor, t: &Tensor, y: Option<&Tensor>, train: bool) -> Result<Tensor>;
 
     /// The model as the closure the samplers and the bound take: inference mode, labels `y`.

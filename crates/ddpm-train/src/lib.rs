@@ -23,6 +23,8 @@
 //! assert_eq!(LossSecondMomentSampler::new(1000).weights(), vec![1.0; 1000]);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod data;
 pub mod degrade;

@@ -5,7 +5,6 @@ use crate::{Result, TrainError};
 use ddpm_schedule::{BetaSchedule, DiffusionConfig, LossType, ModelMeanType, ModelVarType};
 use serde::{Deserialize, Serialize};
 
-/// The diffusion flags of the original's `create_gaussian_diffusion`.
 /// Settings with a fixed set of values, stored in JSON under their names (`"cosine"`,
 /// `"loss-second-moment"`) and parsed back with an error that lists the accepted ones.
 mod by_name {
@@ -29,6 +28,7 @@ mod by_name {
     }
 }
 
+/// The diffusion flags of the original's `create_gaussian_diffusion`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiffusionSettings {

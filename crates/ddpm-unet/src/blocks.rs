@@ -9,7 +9,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// A 3×3 convolution config (`padding` 1, `stride` given) on `kernels`.
-fn conv3(stride: usize, zero_init: bool, kernels: KernelOptions) -> Conv2dConfig {
+pub(crate) fn conv3(stride: usize, zero_init: bool, kernels: KernelOptions) -> Conv2dConfig {
     Conv2dConfig {
         stride,
         padding: 1,

@@ -1,10 +1,10 @@
 //! The full UNet (`UNetModel`).
 
 use crate::blocks::{
-    AttentionBlock, Downsample, Layer, ResBlock, TimestepEmbedSequential, Upsample,
+    conv3, AttentionBlock, Downsample, Layer, ResBlock, TimestepEmbedSequential, Upsample,
 };
 use crate::config::NORM_GROUPS;
-use crate::nn::{timestep_embedding, Conv2d, Conv2dConfig, Embedding, GroupNorm, Linear};
+use crate::nn::{timestep_embedding, Conv2d, Embedding, GroupNorm, Linear};
 use crate::{Result, UNetConfig, UNetError};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -40,12 +40,6 @@ impl UNet {
     pub fn with_kernels(vb: VarBuilder, cfg: &UNetConfig, kernels: KernelOptions) -> Result<Self> {
         cfg.validate()?;
         let k = kernels;
-        let conv3 = |zero_init| Conv2dConfig {
-            padding: 1,
-            zero_init,
-            kernels: k,
-            ..Default::default()
-        };
         let mc = cfg.model_channels;
         let ted = cfg.time_embed_dim();
         let time_embed = (
@@ -74,7 +68,7 @@ impl UNet {
             cfg.in_channels,
             mc,
             3,
-            conv3(false),
+            conv3(1, false, k),
         )?)])];
         let mut chans = vec![mc];
         let (mut ch, mut ds) = (mc, 1usize);
@@ -144,7 +138,7 @@ impl UNet {
             middle_block,
             output_blocks,
             out_norm: GroupNorm::new(vb.pp("out.0"), NORM_GROUPS, ch, k)?,
-            out_conv: Conv2d::new(vb.pp("out.2"), mc, cfg.out_channels, 3, conv3(true))?,
+            out_conv: Conv2d::new(vb.pp("out.2"), mc, cfg.out_channels, 3, conv3(1, true, k))?,
             dtype: vb.dtype(),
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
         })

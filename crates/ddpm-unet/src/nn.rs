@@ -50,14 +50,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Creates `weight` [out, in] and `bias` [out] under `vb`.
+    /// Creates `weight` `[out, in]` and `bias` `[out]` under `vb`.
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", weight_init(false))?;
         let bias = vb.get_with_hints(out_dim, "bias", bias_init(in_dim))?;
         Ok(Self { weight, bias })
     }
 
-    /// Applies the layer to [B, in].
+    /// Applies the layer to `[B, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
@@ -87,7 +87,7 @@ impl Default for Conv2dConfig {
     }
 }
 
-/// `nn.Conv2d` (square kernel, weight [out, in, k, k]).
+/// `nn.Conv2d` (square kernel, weight `[out, in, k, k]`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -96,7 +96,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// Creates `weight` [c_out, c_in, k, k] and `bias` [c_out] under `vb`.
+    /// Creates `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]` under `vb`.
     pub fn new(
         vb: VarBuilder,
         c_in: usize,
@@ -119,14 +119,14 @@ impl Conv2d {
         Ok(Self { weight, bias, cfg })
     }
 
-    /// Applies the convolution to [B, C, H, W].
+    /// Applies the convolution to `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
         ddpm_kernels::conv2d(x, &self.weight, &self.bias, c.stride, c.padding, &c.kernels)
     }
 }
 
-/// `nn.Conv1d` with kernel size 1 (weight [out, in, 1]), used by attention on [B, C, T].
+/// `nn.Conv1d` with kernel size 1 (weight `[out, in, 1]`), used by attention on `[B, C, T]`.
 #[derive(Debug, Clone)]
 pub struct Conv1x1 {
     weight: Tensor,
@@ -135,7 +135,7 @@ pub struct Conv1x1 {
 }
 
 impl Conv1x1 {
-    /// Creates `weight` [c_out, c_in, 1] and `bias` [c_out] under `vb`; `zero` gives the
+    /// Creates `weight` `[c_out, c_in, 1]` and `bias` `[c_out]` under `vb`; `zero` gives the
     /// original's `zero_module` initialisation.
     pub fn new(
         vb: VarBuilder,
@@ -161,7 +161,7 @@ impl Conv1x1 {
         })
     }
 
-    /// Applies the layer to [B, C, T].
+    /// Applies the layer to `[B, C, T]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ddpm_kernels::conv1x1(x, &self.weight, &self.bias, &self.kernels)
     }
@@ -218,7 +218,7 @@ impl GroupNorm {
     }
 }
 
-/// `nn.Embedding` (weight [num, dim], initialised N(0, 1)).
+/// `nn.Embedding` (weight `[num, dim]`, initialised N(0, 1)).
 #[derive(Debug, Clone)]
 pub struct Embedding {
     weight: Tensor,
@@ -238,13 +238,13 @@ impl Embedding {
         Ok(Self { weight })
     }
 
-    /// Looks up integer ids [B] (any integer dtype).
+    /// Looks up integer ids `[B]` (any integer dtype).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.weight.index_select(&ids.to_dtype(DType::U32)?, 0)
     }
 }
 
-/// Sinusoidal timestep embeddings [B, dim], laid out [cos, sin] as in the original.
+/// Sinusoidal timestep embeddings `[B, dim]`, laid out `[cos, sin]` as in the original.
 ///
 /// Frequencies are exp(-ln(10000)·i/half) for i < half; an odd `dim` gets a zero last column.
 /// As in the original, the embedding is computed in f32 whatever `dtype` is, then cast.
