@@ -48,6 +48,9 @@ pub struct EvalArgs {
     /// Where and how to compute.
     #[command(flatten)]
     pub compute: crate::ComputeArgs,
+    /// Classifier-free guidance scale for a model trained with --class-dropout (see `sample`).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -90,6 +93,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         clip_denoised: true,
         seed: args.seed,
         class: None,
+        guidance_scale: args.guidance_scale,
         out: None,
         npz: None,
         gif: None,

@@ -124,6 +124,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
         let report = crate::eval::run(&EvalArgs {
             weights: weights.clone(),
             compute: Default::default(),
+            guidance_scale: None,
             num: args.num,
             batch_size: 100,
             respacing: args.respacing.clone(),

@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use ddpm_schedule::{randn, GaussianDiffusion, RngNoise, SamplingMethod};
+use ddpm_schedule::{
+    randn, ClassifierFreeGuidance, Denoiser, GaussianDiffusion, RngNoise, SamplingMethod,
+};
 use image::{Delay, Frame, RgbaImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -92,6 +94,11 @@ pub struct SampleArgs {
     /// Class label for every sample (class-conditional models; default: random labels).
     #[arg(long)]
     pub class: Option<u32>,
+    /// Classifier-free guidance scale for a model trained with --class-dropout: 1 is plain
+    /// conditional sampling, 0 the unconditional model, above 1 sharper classes and less
+    /// variety [default: 2 for such models].
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
     /// PNG grid of the samples.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -114,6 +121,10 @@ pub struct SampleArgs {
     #[arg(long)]
     pub no_progress: bool,
 }
+
+/// The guidance scale of a model trained for classifier-free guidance when `--guidance-scale`
+/// is not given.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 2.0;
 
 /// What the sampling GIF shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -187,6 +198,19 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         (Some(c), Some(k)) if c as usize >= k => bail!("--class {c} is outside 0..{k}"),
         _ => {}
     }
+    let null_label = loaded.model.null_label();
+    let guidance = match (args.guidance_scale, null_label) {
+        (Some(s), _) if !s.is_finite() || s < 0.0 => {
+            bail!("--guidance-scale {s} must be a finite number, 0 or more")
+        }
+        (Some(_), None) => bail!(
+            "--guidance-scale needs a model trained with --class-dropout (classifier-free \
+             guidance); the model in {} has no null class",
+            args.weights.checkpoint.display()
+        ),
+        (s, Some(null)) => Some((null, s.unwrap_or(DEFAULT_GUIDANCE_SCALE))),
+        (None, None) => None,
+    };
     let respacing = respacing_of(args.steps, args.respacing.as_deref())?;
     let cfg = meta
         .diffusion
@@ -237,8 +261,18 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         let x_t = randn(&mut rng, (n, c, h, w), DType::F32, &device)?;
         let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(rng.random()));
         let record = bi == 0 && args.gif.is_some();
+        let guided = guidance.map(|(null_label, scale)| ClassifierFreeGuidance {
+            model: &loaded.model,
+            null_label,
+            scale,
+            eps_channels: c,
+        });
+        let model: &dyn Denoiser = match &guided {
+            Some(g) => g,
+            None => &loaded.model,
+        };
         let out = ddpm_train::generate::sample_checked(
-            &loaded.model,
+            &model,
             &diffusion,
             x_t,
             sampler,

@@ -137,6 +137,10 @@ pub struct TrainArgs {
     /// Train a class-conditional model.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub class_cond: bool,
+    /// With --class-cond: replace each label with a null class with this probability, so that
+    /// the model can be sampled with classifier-free guidance (sample --guidance-scale).
+    #[arg(long, default_value_t = 0.0)]
+    pub class_dropout: f64,
     /// Seed for initialisation, data order, timesteps, noise and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -173,6 +177,7 @@ impl TrainArgs {
             num_classes: self.class_cond.then_some(10),
             num_heads: self.num_heads,
             use_scale_shift_norm: self.use_scale_shift_norm,
+            null_class: self.class_cond && self.class_dropout > 0.0,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -231,6 +236,7 @@ impl TrainArgs {
             schedule_sampler: self.schedule_sampler,
             grad_clip: self.grad_clip,
             class_cond: self.class_cond,
+            class_dropout: self.class_dropout,
             seed: self.seed,
             // Checked against the device (and DDPM_ISA) in `run`, which sets them.
             kernels: ddpm_kernels::KernelOptions::with_precision(self.compute.precision),
@@ -400,6 +406,7 @@ fn fixed_on_resume(
         ),
         "batch_size" => pair(t.batch_size.to_string(), args.batch_size.to_string()),
         "class_cond" => pair(t.class_cond.to_string(), args.class_cond.to_string()),
+        "class_dropout" => pair(t.class_dropout.to_string(), args.class_dropout.to_string()),
         "seed" => pair(t.seed.to_string(), args.seed.to_string()),
         _ => Ok(None),
     }

@@ -44,6 +44,7 @@
 mod beta;
 mod denoiser;
 mod diffusion;
+mod guidance;
 mod noise;
 mod predict;
 mod respace;
@@ -57,6 +58,7 @@ pub use diffusion::{
     DiffusionConfig, GaussianDiffusion, LossTerms, LossType, MeanVariance, ModelMeanType,
     ModelVarType, PMeanVariance, PosteriorMeanVariance,
 };
+pub use guidance::ClassifierFreeGuidance;
 pub use noise::{randn, FixedNoise, NoiseSource, RngNoise};
 pub use respace::{logsnr_timesteps, space_timesteps, SpacedSchedule, LOGSNR_NOISE_FLOOR};
 pub use sampling::{BpdTerms, SampleStep, SamplingMethod, StepOutput};

@@ -33,6 +33,10 @@ pub trait ModelConfig: Clone + std::fmt::Debug + PartialEq + Serialize + Deseria
     fn out_channels(&self) -> usize;
     /// The number of classes of a class-conditional network.
     fn num_classes(&self) -> Option<usize>;
+    /// The label that means "no label" to a network trained for classifier-free guidance.
+    fn null_label(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A [`Denoiser`] the [`Trainer`](crate::Trainer) trains: built by a [`ModelConfig`].
@@ -61,6 +65,11 @@ impl ModelConfig for UNetConfig {
     }
     fn num_classes(&self) -> Option<usize> {
         self.num_classes
+    }
+    fn null_label(&self) -> Option<u32> {
+        self.num_classes
+            .filter(|_| self.null_class)
+            .map(|n| n as u32)
     }
 }
 

@@ -5,6 +5,10 @@ use crate::{Result, TrainError};
 use ddpm_schedule::{BetaSchedule, DiffusionConfig, LossType, ModelMeanType, ModelVarType};
 use serde::{Deserialize, Serialize};
 
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 /// Settings with a fixed set of values, stored in JSON under their names (`"cosine"`,
 /// `"loss-second-moment"`) and parsed back with an error that lists the accepted ones.
 mod by_name {
@@ -236,6 +240,10 @@ pub struct TrainConfig {
     pub grad_clip: Option<f64>,
     /// Train a class-conditional model.
     pub class_cond: bool,
+    /// Probability of replacing an example's label with the null class, so that one model
+    /// learns the conditional and the unconditional noise (classifier-free guidance; 0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub class_dropout: f64,
     /// Seed for initialisation, data order, timesteps, noise and dropout.
     pub seed: u64,
     /// The kernels the model runs (precision, kernel family). How this process computes, not
@@ -266,6 +274,7 @@ impl Default for TrainConfig {
             schedule_sampler: TimestepSampling::Uniform,
             grad_clip: None,
             class_cond: false,
+            class_dropout: 0.0,
             seed: 0,
             kernels: Default::default(),
         }
@@ -276,6 +285,15 @@ impl TrainConfig {
     /// Checks the settings and says what is wrong.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(TrainError::Config(m));
+        if !(0.0..1.0).contains(&self.class_dropout) {
+            return fail(format!(
+                "class dropout {} must be in [0, 1)",
+                self.class_dropout
+            ));
+        }
+        if self.class_dropout > 0.0 && !self.class_cond {
+            return fail("class dropout needs a class-conditional model (class_cond)".into());
+        }
         if self.batch_size == 0 {
             return fail("batch_size must be positive".into());
         }

@@ -111,6 +111,11 @@ impl<C: ModelConfig, D: Dataset> Trainer<C, D> {
                 model_cfg.in_channels()
             )));
         }
+        if cfg.class_dropout > 0.0 && model_cfg.null_label().is_none() {
+            return Err(TrainError::Config(
+                "class dropout needs a model with a null class (null_class)".into(),
+            ));
+        }
         if cfg.class_cond != model_cfg.num_classes().is_some() {
             return Err(TrainError::Config(
                 "class_cond and the model's num_classes disagree".into(),
@@ -226,10 +231,12 @@ impl<C: ModelConfig, D: Dataset> Trainer<C, D> {
         if cfg.ema_rate != meta.train.ema_rate
             || cfg.ema_warmup != meta.train.ema_warmup
             || cfg.class_cond != meta.train.class_cond
+            || cfg.class_dropout != meta.train.class_dropout
             || cfg.schedule_sampler != meta.train.schedule_sampler
         {
             return Err(TrainError::Config(
-                "ema_rate, ema_warmup, class_cond and schedule_sampler cannot change on resume"
+                "ema_rate, ema_warmup, class_cond, class_dropout and schedule_sampler cannot \
+                 change on resume"
                     .into(),
             ));
         }
@@ -360,6 +367,15 @@ impl<C: ModelConfig, D: Dataset> Trainer<C, D> {
                 .class_cond
                 .then(|| y.narrow(0, start, len))
                 .transpose()?;
+            let ym = match (ym, self.model_cfg.null_label()) {
+                (Some(ym), Some(null)) if self.cfg.class_dropout > 0.0 => Some(drop_labels(
+                    &ym,
+                    self.cfg.class_dropout,
+                    null,
+                    &mut self.rng,
+                )?),
+                (ym, _) => ym,
+            };
             let (t, w) = match &self.sampler {
                 TimestepSamplers::Uniform(s) => s.sample(len, &mut self.rng),
                 TimestepSamplers::LossSecondMoment(s) => s.sample(len, &mut self.rng),
@@ -687,6 +703,19 @@ pub fn sample_images<C: ModelConfig>(
         |_| {},
     )?;
     Ok(out)
+}
+
+/// Labels with each replaced by `null` with probability `p` (classifier-free guidance's label
+/// dropout), drawn from the training stream so that a resumed run draws the same.
+pub fn drop_labels(labels: &Tensor, p: f64, null: u32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    use rand::Rng;
+    let mut y: Vec<u32> = labels.to_dtype(DType::U32)?.to_vec1()?;
+    for v in &mut y {
+        if rng.random::<f64>() < p {
+            *v = null;
+        }
+    }
+    Ok(Tensor::from_vec(y, labels.dims(), labels.device())?)
 }
 
 /// The statistics of the steps since the last metrics row (saved in checkpoints, so that a

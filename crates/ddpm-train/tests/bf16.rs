@@ -23,6 +23,7 @@ fn losses(data: &ImageDataset, kernels: KernelOptions, steps: usize) -> Vec<f64>
         num_classes: None,
         num_heads: 1,
         use_scale_shift_norm: true,
+        null_class: false,
     };
     let cfg = TrainConfig {
         batch_size: 8,

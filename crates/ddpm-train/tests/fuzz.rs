@@ -48,6 +48,7 @@ fn tiny_unet() -> UNetConfig {
         num_classes: Some(10),
         num_heads: 1,
         use_scale_shift_norm: true,
+        null_class: false,
     }
 }
 

@@ -26,6 +26,7 @@ fn tiny_model() -> UNetConfig {
         num_classes: None,
         num_heads: 1,
         use_scale_shift_norm: true,
+        null_class: false,
     }
 }
 
@@ -405,4 +406,30 @@ fn mnist_classifier_reaches_99_percent() {
         fd_real < 0.05 * fd_noise,
         "FD halves {fd_real}, FD to noise {fd_noise}"
     );
+}
+
+#[test]
+fn label_dropout_replaces_about_p_of_the_labels_reproducibly() {
+    use rand::SeedableRng;
+    let n = 10_000;
+    let labels = Tensor::from_vec(
+        (0..n as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let draw = |seed| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let y = ddpm_train::trainer::drop_labels(&labels, 0.25, 10, &mut rng).unwrap();
+        y.to_vec1::<u32>().unwrap()
+    };
+    let (a, b) = (draw(1), draw(1));
+    assert_eq!(a, b, "seeded");
+    assert_ne!(a, draw(2));
+    let dropped = a.iter().filter(|&&v| v == 10).count() as f64 / n as f64;
+    assert!((0.23..0.27).contains(&dropped), "{dropped}");
+    assert!(a
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == 10 || v == (i % 10) as u32));
 }

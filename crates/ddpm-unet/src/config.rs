@@ -30,6 +30,12 @@ pub struct UNetConfig {
     pub num_heads: usize,
     /// FiLM-like conditioning of the residual blocks on the timestep embedding.
     pub use_scale_shift_norm: bool,
+    /// A learned embedding for the null class of classifier-free guidance (Ho & Salimans 2022):
+    /// label `num_classes` means "no label", embedded by the parameter `label_emb.null`
+    /// (`[1, time_embed_dim]`, beside the original's `label_emb.weight`). Not an argument of the
+    /// original; absent from JSON written without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub null_class: bool,
 }
 
 impl UNetConfig {
@@ -46,6 +52,7 @@ impl UNetConfig {
             num_classes: None,
             num_heads: 4,
             use_scale_shift_norm: true,
+            null_class: false,
         }
     }
 
@@ -83,6 +90,9 @@ impl UNetConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return fail(format!("dropout {} must be in [0, 1)", self.dropout));
+        }
+        if self.null_class && self.num_classes.is_none() {
+            return fail("null_class (classifier-free guidance) needs num_classes".into());
         }
         if self.num_classes == Some(0) {
             return fail(

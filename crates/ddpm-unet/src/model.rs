@@ -19,6 +19,8 @@ pub struct UNet {
     cfg: UNetConfig,
     time_embed: (Linear, Linear),
     label_emb: Option<Embedding>,
+    /// The null class's embedding (`label_emb.null`), for classifier-free guidance.
+    label_null: Option<Tensor>,
     input_blocks: Vec<TimestepEmbedSequential>,
     middle_block: TimestepEmbedSequential,
     output_blocks: Vec<TimestepEmbedSequential>,
@@ -49,6 +51,15 @@ impl UNet {
         let label_emb = match cfg.num_classes {
             Some(n) => Some(Embedding::new(vb.pp("label_emb"), n, ted)?),
             None => None,
+        };
+        let label_null = if cfg.null_class {
+            let init = candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            };
+            Some(vb.pp("label_emb").get_with_hints((1, ted), "null", init)?)
+        } else {
+            None
         };
         let res = |vb: VarBuilder, c_in: usize, c_out: usize| {
             ResBlock::new(
@@ -134,6 +145,7 @@ impl UNet {
             cfg: cfg.clone(),
             time_embed,
             label_emb,
+            label_null,
             input_blocks,
             middle_block,
             output_blocks,
@@ -147,6 +159,14 @@ impl UNet {
     /// The configuration the network was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.cfg
+    }
+
+    /// The null class's label (`num_classes`) of a model trained for classifier-free guidance.
+    pub fn null_label(&self) -> Option<u32> {
+        self.cfg
+            .num_classes
+            .filter(|_| self.cfg.null_class)
+            .map(|n| n as u32)
     }
 
     /// Reseeds the dropout RNG (the trainer does this every step, so resuming is exact).
@@ -195,7 +215,7 @@ impl UNet {
                         dims[0]
                     ));
                 }
-                class_indices(y, n).map(Some)
+                class_indices(y, n + usize::from(self.cfg.null_class)).map(Some)
             }
         }
     }
@@ -217,7 +237,12 @@ impl UNet {
             .1
             .forward(&self.time_embed.0.forward(&t_emb)?.silu()?)?;
         if let (Some(le), Some(y)) = (&self.label_emb, &labels) {
-            emb = (emb + le.forward(y)?)?;
+            let label_emb = match &self.label_null {
+                // Label num_classes is the null class: the table with its row appended.
+                Some(null) => Tensor::cat(&[le.weight(), null], 0)?.index_select(y, 0)?,
+                None => le.forward(y)?,
+            };
+            emb = (emb + label_emb)?;
         }
         let mut guard = (train && self.cfg.dropout > 0.0)
             .then(|| self.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()));

@@ -238,6 +238,11 @@ impl Embedding {
         Ok(Self { weight })
     }
 
+    /// The table, `[num, dim]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Looks up integer ids `[B]` (any integer dtype).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.weight.index_select(&ids.to_dtype(DType::U32)?, 0)

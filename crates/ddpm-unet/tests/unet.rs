@@ -16,6 +16,7 @@ fn small_cfg() -> UNetConfig {
         num_classes: None,
         num_heads: 2,
         use_scale_shift_norm: true,
+        null_class: false,
     }
 }
 
@@ -414,4 +415,94 @@ fn networks_on_different_kernels_share_a_process() {
             "no bf16 kernels here: bf16 asks for f32"
         );
     }
+}
+
+/// A model for classifier-free guidance has one more parameter, `label_emb.null`, takes label
+/// `num_classes` as "no label", and its config without the flag reads as before.
+#[test]
+fn null_class_is_one_more_embedding_row_under_its_own_name() {
+    let cfg = UNetConfig {
+        num_classes: Some(3),
+        null_class: true,
+        ..small_cfg()
+    };
+    let (store, model) = build(&cfg, 6);
+    perturb(&store, 6);
+    let vars = store.vars();
+    let null = vars
+        .iter()
+        .find(|(n, _)| n == "label_emb.null")
+        .expect("label_emb.null");
+    assert_eq!(null.1.dims(), [1, cfg.time_embed_dim()]);
+    assert_eq!(model.null_label(), Some(3));
+    let (x, t) = inputs(2);
+    let y = |a: u32, b: u32| Tensor::new(&[a, b], &Device::Cpu).unwrap();
+    let with_null = model.forward(&x, &t, Some(&y(3, 3)), false).unwrap();
+    let with_label = model.forward(&x, &t, Some(&y(1, 1)), false).unwrap();
+    assert!(max_diff(&with_null, &with_label) > 1e-6);
+    assert!(model.forward(&x, &t, Some(&y(4, 0)), false).is_err());
+    // Without the flag, label 3 is out of range and there is no such parameter.
+    let plain = UNetConfig {
+        null_class: false,
+        ..cfg.clone()
+    };
+    let (store, model) = build(&plain, 6);
+    assert!(model.forward(&x, &t, Some(&y(3, 0)), false).is_err());
+    assert!(model.null_label().is_none());
+    assert!(store.vars().iter().all(|(n, _)| n != "label_emb.null"));
+    // JSON: written only when set; a config without it (the original's) reads as unguided.
+    assert!(!plain.to_json().contains("null_class"));
+    assert_eq!(UNetConfig::from_json(&cfg.to_json()).unwrap(), cfg);
+    assert_eq!(UNetConfig::from_json(&plain.to_json()).unwrap(), plain);
+    let unconditional = UNetConfig {
+        num_classes: None,
+        ..cfg
+    };
+    assert!(unconditional.validate().is_err());
+}
+
+/// Guidance at scale 1 samples exactly as the conditional model, and at scale 0 exactly as the
+/// model given the null label everywhere.
+#[test]
+fn guidance_end_points_sample_exactly_as_the_plain_model() {
+    use ddpm_schedule::{
+        ClassifierFreeGuidance, Denoiser, DiffusionConfig, GaussianDiffusion, RngNoise,
+        SamplingMethod,
+    };
+    use rand::SeedableRng;
+    let cfg = UNetConfig {
+        num_classes: Some(3),
+        null_class: true,
+        ..small_cfg()
+    };
+    let (store, model) = build(&cfg, 8);
+    perturb(&store, 8);
+    let diffusion = GaussianDiffusion::new(&DiffusionConfig {
+        respacing: "5".into(),
+        ..DiffusionConfig::default()
+    })
+    .unwrap();
+    let (x, _) = inputs(2);
+    let y = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
+    let null = Tensor::new(&[3u32, 3], &Device::Cpu).unwrap();
+    let sample = |m: &dyn Denoiser, labels: &Tensor| {
+        let mut noise = RngNoise(rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        let f = |x: &Tensor, t: &Tensor| m.denoise(x, t, Some(labels), false);
+        diffusion
+            .sample_loop(f, x.clone(), SamplingMethod::Ddpm, true, &mut noise, |_| {})
+            .unwrap()
+    };
+    let guided = |scale| ClassifierFreeGuidance {
+        model: &model,
+        null_label: 3,
+        scale,
+        eps_channels: 1,
+    };
+    let plain = sample(&model, &y);
+    assert_eq!(max_diff(&sample(&guided(1.0), &y), &plain), 0.0);
+    assert_eq!(
+        max_diff(&sample(&guided(0.0), &y), &sample(&model, &null)),
+        0.0
+    );
+    assert!(max_diff(&sample(&guided(3.0), &y), &plain) > 1e-5);
 }

@@ -114,6 +114,7 @@ fn a_class_conditional_fixture_with_int64_labels_loads_and_runs() {
         num_classes: Some(10),
         num_heads: 2,
         use_scale_shift_norm: true,
+        null_class: false,
     };
     let store = ddpm_unet::ParamStore::new(3, DType::F32, &Device::Cpu);
     let model = ddpm_unet::UNet::new(store.var_builder(), &cfg).unwrap();
