@@ -629,3 +629,100 @@ fn plot_and_quality_curve_of_a_run() {
         "not a run folder",
     );
 }
+
+/// A folder of colour PNGs in class sub-folders trains, samples in colour and scores its bound;
+/// the class names travel in the checkpoint.
+#[test]
+fn an_rgb_image_folder_trains_and_samples_in_colour() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("shapes");
+    for (class, colour) in [("circles", [230u8, 40, 40]), ("squares", [40, 90, 230])] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in 0..4u32 {
+            let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                let (dx, dy) = (x as i32 - 8, y as i32 - 8);
+                let inside = if class == "circles" {
+                    dx * dx + dy * dy < 20 + i as i32
+                } else {
+                    dx.abs() < 4 && dy.abs() < 4 + i as i32 / 2
+                };
+                image::Rgb(if inside { colour } else { [0, 0, 0] })
+            });
+            img.save(data.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let run = root.path().join("run");
+    let flags = [
+        "--attention-resolutions",
+        "8",
+        "--class-cond",
+        "--random-flip",
+        "--steps",
+        "2",
+    ];
+    let text = ok(&train(&data, &run, &flags));
+    assert!(!text.contains("error"), "{text}");
+    let ckpt = run.join("checkpoint-0000002");
+    let config = std::fs::read_to_string(ckpt.join("config.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        meta["class_names"],
+        serde_json::json!(["circles", "squares"])
+    );
+    assert_eq!(meta["model"]["in_channels"], 3);
+    assert_eq!(meta["model"]["out_channels"], 6);
+    assert_eq!(meta["train"]["data"]["random_flip"], true);
+    let (png, npz) = (root.path().join("s.png"), root.path().join("s.npz"));
+    ok(&cli(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--num",
+        "4",
+        "--respacing",
+        "4",
+        "--class",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+        "--npz",
+        npz.to_str().unwrap(),
+        "--no-progress",
+    ]));
+    let grid = image::open(&png).unwrap();
+    assert_eq!(grid.color(), image::ColorType::Rgb8);
+    assert_eq!((grid.width(), grid.height()), (2 * 17 + 1, 2 * 17 + 1));
+    let bytes = std::fs::read(&npz).unwrap();
+    let header = String::from_utf8_lossy(&bytes[..200]);
+    assert!(header.contains("'shape': (4,16,16,3,)"), "{header}");
+    let out = ok(&cli(&[
+        "nll",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--respacing",
+        "5",
+        "--json",
+        "--no-progress",
+    ]));
+    let report = json_line(&out);
+    assert_eq!(report["num"], 8);
+    assert!(report["bpd"].as_f64().unwrap() > 0.0);
+    // Resuming on the same folder with a different size is refused, naming the flag.
+    fails_with(
+        &train(
+            &data,
+            &run,
+            &[
+                "--resume-checkpoint",
+                "latest",
+                "--image-size",
+                "8",
+                "--steps",
+                "4",
+            ],
+        ),
+        "--image-size",
+    );
+}

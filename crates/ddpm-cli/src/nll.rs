@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_schedule::{GaussianDiffusion, RngNoise};
-use ddpm_train::{ImageDataset, Split};
+use ddpm_train::Split;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -57,19 +57,33 @@ pub fn run(args: &NllArgs) -> Result<serde_json::Value> {
     let (device, kernels) = args.compute.open()?;
     let loaded = args.weights.load(kernels, &device)?;
     let split: Split = args.split.parse()?;
-    let data = ImageDataset::load(&args.data, split).with_context(|| {
+    // Loaded as the run loaded its training data (size, channels), without the flips.
+    let options = ddpm_train::ImageOptions {
+        random_flip: false,
+        ..loaded.meta.train.data.clone()
+    };
+    let (data, _) = ddpm_train::load_data(&args.data, split, &options).with_context(|| {
         format!(
             "cannot load {} data from {}",
             args.split,
             args.data.display()
         )
     })?;
-    if [data.height, data.width] != loaded.meta.image_size {
+    let shape = [
+        loaded.meta.model.in_channels,
+        loaded.meta.image_size[0],
+        loaded.meta.image_size[1],
+    ];
+    if [data.channels, data.height, data.width] != shape {
         bail!(
-            "the data's images are {}x{}, the model was trained on {:?}",
+            "the data's images are {}x{}x{} (channels x height x width), the model was trained \
+             on {}x{}x{}",
+            data.channels,
             data.height,
             data.width,
-            loaded.meta.image_size
+            shape[0],
+            shape[1],
+            shape[2]
         );
     }
     let n = args.num.map_or(data.len, |k| k.min(data.len));

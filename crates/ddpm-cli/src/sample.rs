@@ -357,18 +357,18 @@ fn write_gif(frames: &[(Tensor, Tensor)], show: GifShow, path: &std::path::Path)
             GifShow::Xt => grid(xt)?,
             GifShow::X0 => grid(x0)?,
             GifShow::Both => {
-                let (a, b) = (grid(xt)?, grid(x0)?);
-                let mut both = image::GrayImage::from_pixel(
+                let (a, b) = (grid(xt)?.to_rgba8(), grid(x0)?.to_rgba8());
+                let mut both = RgbaImage::from_pixel(
                     a.width() + b.width() + 4,
                     a.height(),
-                    image::Luma([255]),
+                    image::Rgba([255; 4]),
                 );
                 image::imageops::replace(&mut both, &a, 0, 0);
                 image::imageops::replace(&mut both, &b, (a.width() + 4) as i64, 0);
-                both
+                image::DynamicImage::ImageRgba8(both)
             }
         };
-        let rgba: RgbaImage = image::DynamicImage::ImageLuma8(img).to_rgba8();
+        let rgba: RgbaImage = img.to_rgba8();
         // Hold the last frame for two seconds.
         let ms = if i + 1 == frames.len() { 2000 } else { 80 };
         enc.encode_frame(Frame::from_parts(

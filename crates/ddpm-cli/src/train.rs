@@ -3,18 +3,33 @@
 use crate::parse_list;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args};
-use ddpm_train::{
-    CheckpointMeta, DiffusionSettings, ImageDataset, RunOutcome, Split, TrainConfig, Trainer,
-};
+use ddpm_train::{CheckpointMeta, DiffusionSettings, RunOutcome, Split, TrainConfig, Trainer};
 use ddpm_unet::UNetConfig;
 use std::path::PathBuf;
 
 /// Options of `ddpm-cli train` (names follow improved-diffusion's `image_train.py`).
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// Folder with the IDX files (train-images-idx3-ubyte[.gz], ...): MNIST or Fashion-MNIST.
+    /// The training data: a folder of IDX files (MNIST, Fashion-MNIST), of CIFAR-10 binary
+    /// batches (data_batch_*.bin), or of PNG/JPEG images (searched recursively; classes from
+    /// sub-folders or from `label_rest.png` names), told apart by what it holds.
     #[arg(long, default_value = "data/mnist")]
     pub data: PathBuf,
+    /// Image folders: load as 1 (grayscale) or 3 (RGB) channels [default: 3 if any image has
+    /// colour].
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Image folders: resize every image to N x N [default: the images' own size, which must
+    /// be the same for all].
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Image folders: with --image-size, resize the shorter side and crop the centre square
+    /// (without it, the whole image is squeezed to the square).
+    #[arg(long)]
+    pub center_crop: bool,
+    /// Flip training images left-right at random (seeded, one draw per step).
+    #[arg(long)]
+    pub random_flip: bool,
     /// Run folder for checkpoints, metrics.jsonl and sample grids.
     #[arg(long, default_value = "runs/mnist")]
     pub out: PathBuf,
@@ -157,8 +172,20 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The UNet config these flags describe, for images of `image_size` pixels square.
+    /// The UNet config these flags describe, for MNIST: one channel, 10 classes, `image_size`
+    /// pixels square.
     pub fn model_config(&self, image_size: usize) -> Result<UNetConfig> {
+        self.model_config_for(1, image_size, 10)
+    }
+
+    /// The UNet config these flags describe, for `channels`-channel images of `image_size`
+    /// pixels square with `classes` classes.
+    pub fn model_config_for(
+        &self,
+        channels: usize,
+        image_size: usize,
+        classes: usize,
+    ) -> Result<UNetConfig> {
         let mut attention = Vec::new();
         for res in parse_list::<usize>(&self.attention_resolutions, "--attention-resolutions")? {
             if res == 0 || !image_size.is_multiple_of(res) {
@@ -167,20 +194,34 @@ impl TrainArgs {
             attention.push(image_size / res);
         }
         let cfg = UNetConfig {
-            in_channels: 1,
+            in_channels: channels,
             model_channels: self.num_channels,
-            out_channels: if self.learn_sigma { 2 } else { 1 },
+            out_channels: if self.learn_sigma {
+                2 * channels
+            } else {
+                channels
+            },
             num_res_blocks: self.num_res_blocks,
             attention_resolutions: attention,
             dropout: self.dropout,
             channel_mult: parse_list(&self.channel_mult, "--channel-mult")?,
-            num_classes: self.class_cond.then_some(10),
+            num_classes: self.class_cond.then_some(classes),
             num_heads: self.num_heads,
             use_scale_shift_norm: self.use_scale_shift_norm,
             null_class: self.class_cond && self.class_dropout > 0.0,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// How images from a folder are loaded.
+    pub fn image_options(&self) -> ddpm_train::ImageOptions {
+        ddpm_train::ImageOptions {
+            channels: self.channels,
+            image_size: self.image_size,
+            center_crop: self.center_crop,
+            random_flip: self.random_flip,
+        }
     }
 
     /// The diffusion flags.
@@ -237,6 +278,7 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             class_cond: self.class_cond,
             class_dropout: self.class_dropout,
+            data: self.image_options(),
             seed: self.seed,
             // Checked against the device (and DDPM_ISA) in `run`, which sets them.
             kernels: ddpm_kernels::KernelOptions::with_precision(self.compute.precision),
@@ -407,6 +449,16 @@ fn fixed_on_resume(
         "batch_size" => pair(t.batch_size.to_string(), args.batch_size.to_string()),
         "class_cond" => pair(t.class_cond.to_string(), args.class_cond.to_string()),
         "class_dropout" => pair(t.class_dropout.to_string(), args.class_dropout.to_string()),
+        "channels" => pair(
+            format!("{:?}", t.data.channels),
+            format!("{:?}", args.channels),
+        ),
+        "image_size" => pair(
+            format!("{:?}", t.data.image_size),
+            format!("{:?}", args.image_size),
+        ),
+        "center_crop" => pair(t.data.center_crop.to_string(), args.center_crop.to_string()),
+        "random_flip" => pair(t.data.random_flip.to_string(), args.random_flip.to_string()),
         "seed" => pair(t.seed.to_string(), args.seed.to_string()),
         _ => Ok(None),
     }
@@ -476,20 +528,41 @@ pub fn run(
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<RunOutcome> {
     let (device, kernels) = args.compute.open()?;
-    let data = ImageDataset::load(&args.data, Split::Train).with_context(|| {
-        format!(
-            "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",
-            args.data.display()
-        )
-    })?;
+    let resume = resume_path(args)?;
+    // A resumed run loads its data as the checkpoint says (flags that differ are refused below).
+    let image_options = match &resume {
+        Some(ckpt) => {
+            CheckpointMeta::<ddpm_unet::UNetConfig>::read(ckpt)?
+                .train
+                .data
+        }
+        None => args.image_options(),
+    };
+    let (data, format) = ddpm_train::load_data(&args.data, Split::Train, &image_options)
+        .with_context(|| {
+            format!(
+                "cannot load training data from {} (cargo xtask download-mnist fetches MNIST)",
+                args.data.display()
+            )
+        })?;
+    tracing::info!(
+        "data: {} in {}: {} images, {}x{}x{}{}",
+        format,
+        args.data.display(),
+        data.len,
+        data.channels,
+        data.height,
+        data.width,
+        data.num_classes
+            .map_or(String::new(), |k| format!(", {k} classes"))
+    );
     if data.height != data.width {
         bail!(
-            "only square images are supported, got {}x{}",
+            "only square images are supported, got {}x{} (--image-size N resizes an image folder)",
             data.height,
             data.width
         );
     }
-    let resume = resume_path(args)?;
     let mut trainer = match &resume {
         Some(ckpt) => {
             let meta = CheckpointMeta::<ddpm_unet::UNetConfig>::read(ckpt)?;
@@ -503,7 +576,15 @@ pub fn run(
             })?
         }
         None => {
-            let model = args.model_config(data.height)?;
+            let classes = match (args.class_cond, data.num_classes) {
+                (true, None) => bail!(
+                    "--class-cond needs labelled data: {} has no classes (an image folder takes \
+                     them from sub-folders or from label_rest.png names)",
+                    args.data.display()
+                ),
+                (_, k) => k.unwrap_or(10),
+            };
+            let model = args.model_config_for(data.channels, data.height, classes)?;
             Trainer::new(
                 model,
                 args.diffusion(),
@@ -571,6 +652,7 @@ mod tests {
             sampler: None,
             run_id: None,
             data_len: None,
+            class_names: None,
             log_window: None,
         }
     }

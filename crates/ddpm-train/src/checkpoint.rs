@@ -68,6 +68,9 @@ pub struct CheckpointMeta<C = UNetConfig> {
     /// absent in checkpoints written before run ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// The class names by label, when the data names them (sub-folders, CIFAR-10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
     /// Images in the training set, to refuse resuming on a different one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_len: Option<usize>,

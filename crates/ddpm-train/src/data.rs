@@ -168,6 +168,19 @@ pub trait Dataset {
     /// Images `idx` as `[B, C, H, W]` f32 in [-1, 1], and their labels `[B]` (u32; zeros for an
     /// unlabelled set).
     fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)>;
+    /// [`Self::batch`] for training, with any random augmentation drawn from `seed` (the trainer
+    /// passes one per step, so a resumed run draws the same); no augmentation by default.
+    fn batch_seeded(&self, idx: &[usize], _seed: u64, device: &Device) -> Result<(Tensor, Tensor)> {
+        self.batch(idx, device)
+    }
+    /// The number of classes of a labelled data set.
+    fn num_classes(&self) -> Option<usize> {
+        None
+    }
+    /// The class names by label, when the source names them.
+    fn class_names(&self) -> Option<Vec<String>> {
+        None
+    }
 }
 
 impl Dataset for ImageDataset {
@@ -175,10 +188,27 @@ impl Dataset for ImageDataset {
         self.len
     }
     fn image_shape(&self) -> [usize; 3] {
-        [1, self.height, self.width]
+        [self.channels, self.height, self.width]
     }
     fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
         ImageDataset::batch(self, idx, device)
+    }
+    fn batch_seeded(&self, idx: &[usize], seed: u64, device: &Device) -> Result<(Tensor, Tensor)> {
+        if !self.random_flip {
+            return ImageDataset::batch(self, idx, device);
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let flip: Vec<bool> = idx
+            .iter()
+            .map(|_| rand::Rng::random::<bool>(&mut rng))
+            .collect();
+        self.batch_flipped(idx, &flip, device)
+    }
+    fn num_classes(&self) -> Option<usize> {
+        self.num_classes
+    }
+    fn class_names(&self) -> Option<Vec<String>> {
+        self.class_names.clone()
     }
 }
 
@@ -190,10 +220,18 @@ pub struct ImageDataset {
     labels: Vec<u8>,
     /// Number of images.
     pub len: usize,
+    /// Channels per image: 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
     /// Image height.
     pub height: usize,
     /// Image width.
     pub width: usize,
+    /// The class names by label, when the source names them (sub-folders, CIFAR-10's meta file).
+    pub class_names: Option<Vec<String>>,
+    /// The number of classes (labels are below it), when the images are labelled.
+    pub num_classes: Option<usize>,
+    /// Flip each image left-right with probability 1/2 in [`Dataset::batch_seeded`].
+    pub random_flip: bool,
 }
 
 impl ImageDataset {
@@ -248,12 +286,56 @@ impl ImageDataset {
                 ),
             ));
         }
+        let num_classes = labels.data.iter().max().map(|&m| (m as usize + 1).max(10));
         Ok(Self {
             len: images.dims[0],
+            channels: 1,
             height: images.dims[1],
             width: images.dims[2],
             images: images.data,
             labels: labels.data,
+            class_names: None,
+            num_classes,
+            random_flip: false,
+        })
+    }
+
+    /// A data set from images already decoded: `images` holds `len` images of
+    /// `channels × height × width` bytes (channel-major), `labels` one byte each.
+    pub fn from_bytes(
+        images: Vec<u8>,
+        labels: Vec<u8>,
+        [channels, height, width]: [usize; 3],
+        class_names: Option<Vec<String>>,
+    ) -> Result<Self> {
+        let px = channels * height * width;
+        if px == 0 || images.is_empty() || !images.len().is_multiple_of(px) {
+            return Err(TrainError::Config(format!(
+                "{} bytes of images do not hold whole {channels}x{height}x{width} images",
+                images.len()
+            )));
+        }
+        let len = images.len() / px;
+        if labels.len() != len {
+            return Err(TrainError::Config(format!(
+                "{} labels for {len} images",
+                labels.len()
+            )));
+        }
+        let num_classes = match &class_names {
+            Some(names) => Some(names.len()),
+            None => labels.iter().max().map(|&m| m as usize + 1),
+        };
+        Ok(Self {
+            images,
+            labels,
+            len,
+            channels,
+            height,
+            width,
+            class_names,
+            num_classes,
+            random_flip: false,
         })
     }
 
@@ -262,20 +344,35 @@ impl ImageDataset {
         self.labels[i]
     }
 
-    /// Images `idx` as `[B, 1, H, W]` f32 in [-1, 1] (x/127.5 - 1), and their labels `[B]` (u32).
+    /// Images `idx` as `[B, C, H, W]` f32 in [-1, 1] (x/127.5 - 1), and their labels `[B]` (u32).
     pub fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
-        let px = self.height * self.width;
+        self.batch_flipped(idx, &vec![false; idx.len()], device)
+    }
+
+    /// [`Self::batch`] with the images where `flip` is true mirrored left-right.
+    pub fn batch_flipped(
+        &self,
+        idx: &[usize],
+        flip: &[bool],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (c, h, w) = (self.channels, self.height, self.width);
+        let px = c * h * w;
         let mut x = Vec::with_capacity(idx.len() * px);
-        for &i in idx {
-            x.extend(
-                self.images[i * px..(i + 1) * px]
-                    .iter()
-                    .map(|&p| p as f32 / 127.5 - 1.0),
-            );
+        for (&i, &f) in idx.iter().zip(flip) {
+            let img = &self.images[i * px..(i + 1) * px];
+            for row in img.chunks_exact(w) {
+                let v = |p: &u8| *p as f32 / 127.5 - 1.0;
+                if f {
+                    x.extend(row.iter().rev().map(v));
+                } else {
+                    x.extend(row.iter().map(v));
+                }
+            }
         }
         let y: Vec<u32> = idx.iter().map(|&i| self.labels[i] as u32).collect();
         Ok((
-            Tensor::from_vec(x, (idx.len(), 1, self.height, self.width), device)?,
+            Tensor::from_vec(x, (idx.len(), c, h, w), device)?,
             Tensor::from_vec(y, idx.len(), device)?,
         ))
     }

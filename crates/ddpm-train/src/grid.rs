@@ -2,7 +2,7 @@
 
 use crate::{Result, TrainError};
 use candle_core::{DType, Tensor};
-use image::{GrayImage, Luma};
+use image::{DynamicImage, GrayImage, Luma, Rgb, RgbImage};
 use std::path::Path;
 
 /// Pixel value of the border between grid cells.
@@ -23,9 +23,9 @@ pub fn to_u8_nhwc(x: &Tensor) -> Result<(Vec<u8>, [usize; 4])> {
     Ok((bytes, [n, h, w, c]))
 }
 
-/// Lays out a batch of single-channel images in a grid of about sqrt(N) columns with a 1-pixel
-/// border; multi-channel images use their first channel.
-pub fn make_grid(x: &Tensor) -> Result<GrayImage> {
+/// Lays out a batch of images in a grid of about sqrt(N) columns with a 1-pixel border: RGB for
+/// three channels, grayscale otherwise (the first channel).
+pub fn make_grid(x: &Tensor) -> Result<DynamicImage> {
     let (bytes, [n, h, w, c]) = to_u8_nhwc(x)?;
     if n == 0 {
         return Err(TrainError::Config(
@@ -35,26 +35,42 @@ pub fn make_grid(x: &Tensor) -> Result<GrayImage> {
     let cols = (n as f64).sqrt().ceil() as usize;
     let rows = n.div_ceil(cols);
     let (gw, gh) = (cols * (w + 1) + 1, rows * (h + 1) + 1);
+    let cell = |i: usize, y: usize, xx: usize| {
+        let (r, col) = (i / cols, i % cols);
+        let at = ((i * h + y) * w + xx) * c;
+        (
+            (col * (w + 1) + 1 + xx) as u32,
+            (r * (h + 1) + 1 + y) as u32,
+            at,
+        )
+    };
+    if c == 3 {
+        let mut img = RgbImage::from_pixel(gw as u32, gh as u32, Rgb([BORDER; 3]));
+        for i in 0..n {
+            for y in 0..h {
+                for xx in 0..w {
+                    let (px, py, at) = cell(i, y, xx);
+                    img.put_pixel(px, py, Rgb([bytes[at], bytes[at + 1], bytes[at + 2]]));
+                }
+            }
+        }
+        return Ok(DynamicImage::ImageRgb8(img));
+    }
     let mut img = GrayImage::from_pixel(gw as u32, gh as u32, Luma([BORDER]));
     for i in 0..n {
-        let (r, col) = (i / cols, i % cols);
         for y in 0..h {
             for xx in 0..w {
-                let p = bytes[((i * h + y) * w + xx) * c];
-                img.put_pixel(
-                    (col * (w + 1) + 1 + xx) as u32,
-                    (r * (h + 1) + 1 + y) as u32,
-                    Luma([p]),
-                );
+                let (px, py, at) = cell(i, y, xx);
+                img.put_pixel(px, py, Luma([bytes[at]]));
             }
         }
     }
-    Ok(img)
+    Ok(DynamicImage::ImageLuma8(img))
 }
 
 /// Saves a batch as a PNG grid, atomically.
 pub fn save_grid_png(x: &Tensor, path: &Path) -> Result<()> {
-    save_png_atomically(&image::DynamicImage::ImageLuma8(make_grid(x)?), path)
+    save_png_atomically(&make_grid(x)?, path)
 }
 
 /// Encodes a PNG and writes it with [`crate::run_folder::write_atomically`].
@@ -75,6 +91,7 @@ pub fn save_png_atomically(img: &image::DynamicImage, path: &Path) -> Result<()>
 mod tests {
     use super::*;
     use candle_core::Device;
+    use image::GenericImageView;
 
     #[test]
     fn grid_layout_and_pixel_values() {

@@ -33,6 +33,7 @@ pub mod ema;
 pub mod eval;
 pub mod generate;
 pub mod grid;
+pub mod image_folder;
 pub mod model;
 pub mod nll;
 pub mod optim;
@@ -44,6 +45,7 @@ pub mod trainer;
 
 pub use checkpoint::CheckpointMeta;
 pub use data::{Dataset, ImageDataset, Split};
+pub use image_folder::{load_data, DataFormat, ImageOptions};
 pub use model::{ModelConfig, TrainableModel};
 pub use settings::{DiffusionSettings, EmaWarmup, LrSchedule, TrainConfig};
 pub use timestep_sampler::{

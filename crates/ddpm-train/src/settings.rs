@@ -246,6 +246,9 @@ pub struct TrainConfig {
     pub class_dropout: f64,
     /// Seed for initialisation, data order, timesteps, noise and dropout.
     pub seed: u64,
+    /// How images from a folder are loaded (size, channels, crop, flips).
+    #[serde(default, skip_serializing_if = "crate::ImageOptions::is_default")]
+    pub data: crate::ImageOptions,
     /// The kernels the model runs (precision, kernel family). How this process computes, not
     /// what the run is: never saved, so a resumed run takes the resuming process's choice.
     #[serde(skip)]
@@ -276,6 +279,7 @@ impl Default for TrainConfig {
             class_cond: false,
             class_dropout: 0.0,
             seed: 0,
+            data: Default::default(),
             kernels: Default::default(),
         }
     }

@@ -352,7 +352,8 @@ impl<C: ModelConfig, D: Dataset> Trainer<C, D> {
     /// One optimiser step over one batch (microbatches accumulate gradients, as the original).
     pub fn train_step(&mut self) -> Result<StepStats> {
         let idx = self.shuffler.next_indices(self.cfg.batch_size);
-        let (x, y) = self.data.batch(&idx, &self.device)?;
+        let augment = self.cfg.seed ^ (self.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (x, y) = self.data.batch_seeded(&idx, augment, &self.device)?;
         self.model
             .set_dropout_seed(self.cfg.seed ^ (self.step + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
         let mut total: Option<GradStore> = None;
@@ -504,6 +505,7 @@ impl<C: ModelConfig, D: Dataset> Trainer<C, D> {
             },
             run_id: self.run_id.clone(),
             data_len: Some(self.data.len()),
+            class_names: self.data.class_names(),
             log_window: Some(self.log.clone()),
         };
         self.create_run_dir()?;

@@ -69,6 +69,7 @@ fn valid_config() -> String {
         sampler: None,
         run_id: Some("r".into()),
         data_len: Some(16),
+        class_names: None,
         log_window: None,
     };
     serde_json::to_string_pretty(&meta).unwrap()
