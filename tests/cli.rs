@@ -139,7 +139,36 @@ fn train_then_resume_then_sample_png_npz_gif_deterministically() {
 #[test]
 fn class_conditional_sampling_checks_labels() {
     let root = tempfile::tempdir().unwrap();
-    let (_, ckpt) = trained(root.path(), true);
+    let (data, ckpt) = trained(root.path(), true);
+    // eval --per-class: every class sampled and scored against its own test images.
+    let out = ok(&cli(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--num",
+        "4",
+        "--steps",
+        "2",
+        "--per-class",
+        "2",
+        "--json",
+        "--no-progress",
+    ]));
+    let report = json_line(&out);
+    let rows = report["per_class"].as_array().expect("per_class rows");
+    assert_eq!(rows.len(), 10);
+    for (c, row) in rows.iter().enumerate() {
+        assert_eq!(row["class"], c);
+        let acc = row["accuracy"].as_f64().unwrap();
+        assert!([0.0, 0.5, 1.0].contains(&acc), "{row}");
+        // The synthetic test set has labels 0..7 only: no distance for classes 8 and 9.
+        match c {
+            0..8 => assert!(row["frechet_distance"].as_f64().unwrap() >= 0.0, "{row}"),
+            _ => assert!(row["frechet_distance"].is_null(), "{row}"),
+        }
+    }
     let png = root.path().join("c.png");
     let c = ckpt.to_str().unwrap();
     ok(&cli(&[
@@ -724,5 +753,46 @@ fn an_rgb_image_folder_trains_and_samples_in_colour() {
             ],
         ),
         "--image-size",
+    );
+}
+
+/// `train --preset` starts from the preset's flags; flags beside it win, and only the typed
+/// ones count when resuming.
+#[test]
+fn train_presets_give_their_model_and_typed_flags_override_them() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_data(&data);
+    let out = root.path().join("run");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let run = |extra: &[&str]| {
+        let mut argv = vec!["train", "--preset", "tiny", "--data", d, "--out", o];
+        argv.extend([
+            "--batch-size",
+            "4",
+            "--sample-interval",
+            "0",
+            "--no-progress",
+        ]);
+        argv.extend(extra);
+        cli(&argv)
+    };
+    ok(&run(&["--steps", "2", "--save-interval", "2"]));
+    let ckpt = out.join("checkpoint-0000002");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(meta["model"]["channel_mult"], serde_json::json!([1, 2]));
+    assert_eq!(meta["train"]["batch_size"], 4, "the typed flag wins");
+    assert_eq!(
+        meta["train"]["ema_rate"],
+        serde_json::json!([0.9]),
+        "the preset's"
+    );
+    ok(&run(&["--resume-checkpoint", "latest", "--steps", "4"]));
+    assert!(out.join("checkpoint-0000004").exists());
+    fails_with(
+        &cli(&["train", "--preset", "huge", "--data", d]),
+        "invalid value 'huge'",
     );
 }

@@ -72,6 +72,15 @@ pub struct TrainMnistArgs {
 pub const CLASS_DROPOUT: f64 = 0.1;
 
 pub fn train(args: &TrainMnistArgs) -> Result<()> {
+    if args.preset.channels() != 1 {
+        anyhow::bail!(
+            "--preset {:?} is for 32x32 colour images, not MNIST: run `ddpm-cli train --preset \
+             {} --data FOLDER`",
+            args.preset,
+            clap::ValueEnum::to_possible_value(&args.preset)
+                .map_or(String::new(), |v| v.get_name().to_string())
+        );
+    }
     download(&args.download)?;
     let name = format!("{:?}", args.preset).to_lowercase();
     let mut t = args.preset.train_args();
@@ -138,7 +147,8 @@ mod tests {
             let t = preset.train_args();
             t.train_config()
                 .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
-            t.model_config(28)
+            preset
+                .configs()
                 .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
             assert!(t.diffusion().to_config(None).is_ok(), "{preset:?}");
         }

@@ -48,6 +48,11 @@ pub struct EvalArgs {
     /// Where and how to compute.
     #[command(flatten)]
     pub compute: crate::ComputeArgs,
+    /// Class-conditional models: also sample N images of each class and report, per class,
+    /// how many the classifier labels as that class and their Fréchet distance to the test
+    /// images of the class (beside the floor of N real training images of the class).
+    #[arg(long)]
+    pub per_class: Option<usize>,
     /// Classifier-free guidance scale for a model trained with --class-dropout (see `sample`).
     #[arg(long)]
     pub guidance_scale: Option<f64>,
@@ -102,10 +107,24 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         compute: args.compute.clone(),
         no_progress: args.no_progress,
     };
+    if args.per_class == Some(0) {
+        bail!("--per-class must be positive");
+    }
     let samples = generate(&sample_args)?;
     let device = Device::Cpu;
     let clf = Classifier::pretrained(&device)?;
     let f_test = test_features(&clf, &test)?;
+    let per_class = match args.per_class {
+        Some(n) => Some(per_class_scores(
+            n,
+            &sample_args,
+            &clf,
+            &f_test,
+            &test,
+            &train,
+        )?),
+        None => None,
+    };
     // The classifier runs on the CPU, wherever the samples were drawn.
     let images = samples.images.to_device(&device)?;
     let gen = Scores::of_images(&clf, &images, &f_test)?;
@@ -129,6 +148,8 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         "solver": samples.sampler.name(),
         "samples": gen,
         "real_train_images": real,
+        "guidance_scale": args.guidance_scale,
+        "per_class": per_class,
     });
     if args.quiet {
         return Ok(report);
@@ -178,6 +199,69 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         );
         println!("class histogram, samples:    {:?}", gen.class_histogram);
         println!("class histogram, real train: {:?}", real.class_histogram);
+        if let Some(pc) = &report["per_class"].as_array() {
+            println!("class  labelled as it   FD   floor");
+            for row in pc.iter() {
+                println!(
+                    "{:>5}  {:>14.3} {:>6.1} {:>6.1}",
+                    row["class"],
+                    row["accuracy"].as_f64().unwrap_or(f64::NAN),
+                    row["frechet_distance"].as_f64().unwrap_or(f64::NAN),
+                    row["floor"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
     }
     Ok(report)
+}
+
+/// Samples `n` images of each class and scores them against the test images of their class.
+fn per_class_scores(
+    n: usize,
+    base: &SampleArgs,
+    clf: &Classifier,
+    f_test: &[Vec<f64>],
+    test: &ImageDataset,
+    train: &ImageDataset,
+) -> Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    for class in 0..10u32 {
+        let args = SampleArgs {
+            num: n,
+            class: Some(class),
+            seed: base.seed.wrapping_add(1 + class as u64),
+            ..base.clone()
+        };
+        let samples = generate(&args)?;
+        let (feats, probs) = clf.describe(&samples.images.to_device(&Device::Cpu)?, 500)?;
+        let hits = ddpm_train::eval::class_histogram(&probs)[class as usize];
+        let reference: Vec<Vec<f64>> = (0..test.len)
+            .filter(|&i| u32::from(test.label(i)) == class)
+            .map(|i| f_test[i].clone())
+            .collect();
+        let real: Vec<usize> = shuffled_indices(train.len, base.seed)
+            .into_iter()
+            .filter(|&i| u32::from(train.label(i)) == class)
+            .take(n)
+            .collect();
+        // A class without test (or training) images has no distance: null in the report.
+        let fd = |x: &[Vec<f64>]| {
+            Some(ddpm_train::eval::frechet_distance(x, &reference)).filter(|d| d.is_finite())
+        };
+        let floor = if real.is_empty() {
+            None
+        } else {
+            let (x_real, _) = train.batch(&real, &Device::Cpu)?;
+            fd(&clf.describe(&x_real, 500)?.0)
+        };
+        rows.push(serde_json::json!({
+            "class": class,
+            "num": n,
+            "accuracy": hits as f64 / n as f64,
+            "frechet_distance": fd(&feats),
+            "test_images": reference.len(),
+            "floor": floor,
+        }));
+    }
+    Ok(rows)
 }

@@ -50,9 +50,29 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     if let (Command::Train(args), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
-        if let Some(train) = command.find_subcommand("train") {
-            args.explicit = ddpm_cli::explicit_flags(train, m);
+        // The flags typed count as given (a resumed run compares them with its checkpoint);
+        // a preset's are defaults that the typed ones override.
+        let explicit = command
+            .find_subcommand("train")
+            .map(|train| ddpm_cli::explicit_flags(train, m))
+            .unwrap_or_default();
+        if let Some(preset) = args.preset {
+            let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            let at = argv
+                .iter()
+                .position(|a| a == "train")
+                .map_or(argv.len(), |i| i + 1);
+            argv.splice(at..at, preset.flags().into_iter().map(Into::into));
+            match Cli::try_parse_from(argv) {
+                Ok(Cli {
+                    command: Command::Train(with_preset),
+                }) => *args = with_preset,
+                // The train subcommand parses as train.
+                Ok(_) => {}
+                Err(e) => e.exit(),
+            }
         }
+        args.explicit = explicit;
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

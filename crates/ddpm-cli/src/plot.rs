@@ -125,6 +125,7 @@ pub fn quality_curve(args: &QualityArgs) -> Result<Vec<QualityPoint>> {
             weights: weights.clone(),
             compute: Default::default(),
             guidance_scale: None,
+            per_class: None,
             num: args.num,
             batch_size: 100,
             respacing: args.respacing.clone(),

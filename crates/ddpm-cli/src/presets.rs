@@ -1,5 +1,5 @@
-//! Training presets for MNIST, defined once: `cargo xtask train-mnist`, the end-to-end tests and
-//! the golden model all take theirs from here.
+//! Training presets, defined once: `ddpm-cli train --preset`, `cargo xtask train-mnist`, the
+//! end-to-end tests and the golden model all take theirs from here.
 
 use crate::train::TrainArgs;
 use ddpm_train::{DiffusionSettings, TrainConfig};
@@ -19,11 +19,42 @@ pub enum Preset {
     /// The original recipe this project started with (6,000 steps at lr 2e-4, plain EMA 0.999,
     /// 45 minutes here), kept for comparison.
     Classic,
+    /// The original's CIFAR-10 model and recipe (improved-diffusion's README: 128 channels,
+    /// channel_mult 1,2,2,2, 3 residual blocks, attention at 16 and 8, dropout 0.3, 4000 cosine
+    /// steps, lr 1e-4, batch 128), for 32x32 RGB data: a GPU's job.
+    Cifar10,
+    /// A small RGB model for 32x32 colour images that trains on a CPU (32 channels, one
+    /// residual block per level, attention at 8x8).
+    RgbSmall,
 }
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::Small, Preset::Base, Preset::Classic];
+    pub const ALL: [Preset; 6] = [
+        Preset::Tiny,
+        Preset::Small,
+        Preset::Base,
+        Preset::Classic,
+        Preset::Cifar10,
+        Preset::RgbSmall,
+    ];
+
+    /// The side of the square images the preset is made for (28 for MNIST, 32 for the RGB
+    /// ones).
+    pub fn image_size(self) -> usize {
+        match self {
+            Preset::Cifar10 | Preset::RgbSmall => 32,
+            _ => 28,
+        }
+    }
+
+    /// The channels of the images the preset is made for.
+    pub fn channels(self) -> usize {
+        match self {
+            Preset::Cifar10 | Preset::RgbSmall => 3,
+            _ => 1,
+        }
+    }
 
     /// The flags of the preset's network (the rest are the UNet's defaults, the original's
     /// MNIST shape).
@@ -44,6 +75,28 @@ impl Preset {
                 "1",
             ],
             Preset::Classic => &[],
+            Preset::Cifar10 => &[
+                "--num-channels",
+                "128",
+                "--channel-mult",
+                "1,2,2,2",
+                "--num-res-blocks",
+                "3",
+                "--attention-resolutions",
+                "16,8",
+                "--dropout",
+                "0.3",
+            ],
+            Preset::RgbSmall => &[
+                "--num-channels",
+                "32",
+                "--channel-mult",
+                "1,2,2",
+                "--num-res-blocks",
+                "1",
+                "--attention-resolutions",
+                "8",
+            ],
         }
     }
 
@@ -69,10 +122,42 @@ impl Preset {
             "25",
         ];
         let recipe: &[&str] = match preset {
-            Preset::Small | Preset::Base => RECIPE,
-            Preset::Tiny | Preset::Classic => &[],
+            Preset::Small | Preset::Base | Preset::RgbSmall => RECIPE,
+            Preset::Tiny | Preset::Classic | Preset::Cifar10 => &[],
         };
         let extra: &[&str] = match preset {
+            Preset::Cifar10 => &[
+                "--diffusion-steps",
+                "4000",
+                "--noise-schedule",
+                "cosine",
+                "--lr",
+                "1e-4",
+                "--batch-size",
+                "128",
+                "--ema-rate",
+                "0.9999",
+                "--steps",
+                "500000",
+                "--save-interval",
+                "10000",
+                "--sample-interval",
+                "10000",
+                "--random-flip",
+            ],
+            Preset::RgbSmall => &[
+                "--batch-size",
+                "32",
+                "--steps",
+                "1500",
+                "--lr-warmup-steps",
+                "100",
+                "--save-interval",
+                "500",
+                "--sample-interval",
+                "500",
+                "--random-flip",
+            ],
             Preset::Tiny => &[
                 "--batch-size",
                 "8",
@@ -157,6 +242,7 @@ impl Preset {
     /// The preset's model, diffusion and training settings for 28×28 images.
     pub fn configs(self) -> anyhow::Result<(UNetConfig, DiffusionSettings, TrainConfig)> {
         let t = self.train_args();
-        Ok((t.model_config(28)?, t.diffusion(), t.train_config()?))
+        let model = t.model_config_for(self.channels(), self.image_size(), 10)?;
+        Ok((model, t.diffusion(), t.train_config()?))
     }
 }

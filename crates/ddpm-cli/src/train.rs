@@ -10,6 +10,10 @@ use std::path::PathBuf;
 /// Options of `ddpm-cli train` (names follow improved-diffusion's `image_train.py`).
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
+    /// Start from a preset's flags (tiny, small, base, classic for MNIST; cifar10, rgb-small for
+    /// 32x32 colour images); flags given beside it override the preset's.
+    #[arg(long, value_enum)]
+    pub preset: Option<crate::presets::Preset>,
     /// The training data: a folder of IDX files (MNIST, Fashion-MNIST), of CIFAR-10 binary
     /// batches (data_batch_*.bin), or of PNG/JPEG images (searched recursively; classes from
     /// sub-folders or from `label_rest.png` names), told apart by what it holds.
@@ -364,6 +368,7 @@ pub const APPLIED_ON_RESUME: &[Applied] = &[
 /// Flags that say where and how to run, not what to train.
 pub const OPERATIONAL: &[&str] = &[
     "data",
+    "preset",
     "out",
     "resume_checkpoint",
     "overwrite",

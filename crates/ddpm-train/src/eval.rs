@@ -297,8 +297,13 @@ fn sqrtm_psd(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
 }
 
 /// Fréchet distance between Gaussians fitted to two feature sets:
-/// |μ1 − μ2|² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1^½ Σ2 Σ1^½)^½).
+/// |μ1 − μ2|² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1^½ Σ2 Σ1^½)^½). NaN when a set is empty or the
+/// widths differ: no Gaussian to fit.
 pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    let width = |s: &[Vec<f64>]| s.first().map(|r| r.len());
+    if a.is_empty() || b.is_empty() || width(a) != width(b) {
+        return f64::NAN;
+    }
     let (m1, s1) = mean_cov(a);
     let (m2, s2) = mean_cov(b);
     let diff: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y).powi(2)).sum();
