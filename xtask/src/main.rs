@@ -36,6 +36,36 @@ enum Command {
     DownloadMnist(mnist::DownloadArgs),
     /// Download MNIST if needed and train a diffusion model on it (the main job).
     TrainMnist(mnist::TrainMnistArgs),
+    /// Draw a seeded set of 32x32 colour shapes (discs, squares, triangles, rings in random
+    /// colours, sizes and places, on dark backgrounds) as PNGs in one folder per shape: a colour
+    /// data set to try RGB training on.
+    MakeShapes {
+        /// The folder to write (created; must not hold images already).
+        #[arg(long, default_value = "data/shapes")]
+        out: PathBuf,
+        /// Images per shape.
+        #[arg(long, default_value_t = 1000)]
+        per_class: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Write a split of an IDX or CIFAR-10 data set as PNG files: OUT/00000.png ... (in data
+    /// order), or OUT/<class>/00000.png with --class-folders.
+    ExportPng {
+        /// The data folder (IDX files or CIFAR-10 batches).
+        #[arg(long)]
+        data: PathBuf,
+        /// train or test.
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// The folder to write (created; must not hold images already).
+        #[arg(long)]
+        out: PathBuf,
+        /// One sub-folder per class (the classes an image folder takes from them).
+        #[arg(long)]
+        class_folders: bool,
+    },
     /// Golden-sample regression tests: fixed-seed samples and training losses of a committed model.
     Golden {
         /// Rewrite the golden arrays and say what changed.
@@ -149,6 +179,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::TrainMnist(args) => {
             mnist::train(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MakeShapes {
+            out,
+            per_class,
+            seed,
+        } => {
+            let n = mnist::make_shapes(&out, per_class, seed)?;
+            println!("wrote {n} images under {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ExportPng {
+            data,
+            split,
+            out,
+            class_folders,
+        } => {
+            let n = mnist::export_png(&data, split.parse()?, &out, class_folders)?;
+            println!("wrote {n} images under {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::TrainClassifier { download, epochs } => {

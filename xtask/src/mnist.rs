@@ -68,6 +68,100 @@ pub struct TrainMnistArgs {
 }
 
 /// Downloads MNIST if needed, then trains the preset.
+/// Writes a split of the IDX or CIFAR-10 data in `data` as PNGs under `out` (in data order,
+/// named by index; in class sub-folders with `class_folders`); returns how many.
+pub fn export_png(
+    data: &std::path::Path,
+    split: ddpm_train::Split,
+    out: &std::path::Path,
+    class_folders: bool,
+) -> Result<usize> {
+    use ddpm_train::{DataFormat, Dataset};
+    let (set, format) = ddpm_train::load_data(data, split, &Default::default())?;
+    anyhow::ensure!(
+        format != DataFormat::ImageFolder,
+        "{} is already an image folder",
+        data.display()
+    );
+    std::fs::create_dir_all(out)?;
+    anyhow::ensure!(
+        std::fs::read_dir(out)?.next().is_none(),
+        "{} is not empty: export into a new folder",
+        out.display()
+    );
+    let device = candle_core::Device::Cpu;
+    let names = set.class_names.clone();
+    let [c, h, w] = set.image_shape();
+    for i in 0..set.len {
+        let (x, _) = set.batch(&[i], &device)?;
+        let (bytes, _) = ddpm_train::grid::to_u8_nhwc(&x)?;
+        let (h, w) = (h as u32, w as u32);
+        let img = match c {
+            3 => image::RgbImage::from_raw(w, h, bytes).map(image::DynamicImage::ImageRgb8),
+            _ => image::GrayImage::from_raw(w, h, bytes).map(image::DynamicImage::ImageLuma8),
+        }
+        .ok_or_else(|| anyhow::anyhow!("image {i} does not hold {c}x{h}x{w} bytes"))?;
+        let dir = if class_folders {
+            let label = set.label(i) as usize;
+            out.join(
+                names
+                    .as_ref()
+                    .and_then(|n| n.get(label).cloned())
+                    .unwrap_or(label.to_string()),
+            )
+        } else {
+            out.to_path_buf()
+        };
+        std::fs::create_dir_all(&dir)?;
+        img.save(dir.join(format!("{i:05}.png")))?;
+    }
+    Ok(set.len)
+}
+
+/// Draws `per_class` 32x32 images of each of four shapes into `out/<shape>/NNNNN.png`.
+pub fn make_shapes(out: &std::path::Path, per_class: usize, seed: u64) -> Result<usize> {
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(out)?;
+    anyhow::ensure!(
+        std::fs::read_dir(out)?.next().is_none(),
+        "{} is not empty: draw into a new folder",
+        out.display()
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    const SHAPES: [&str; 4] = ["discs", "rings", "squares", "triangles"];
+    for shape in SHAPES {
+        std::fs::create_dir_all(out.join(shape))?;
+    }
+    for i in 0..per_class {
+        for (k, shape) in SHAPES.iter().enumerate() {
+            let colour: [f32; 3] = [rng.random(), rng.random(), rng.random()];
+            // A bright, saturated colour: the largest channel scaled to 1.
+            let peak = colour.iter().cloned().fold(0.1f32, f32::max);
+            let colour = colour.map(|c| (c / peak * 230.0 + 25.0).min(255.0));
+            let background = rng.random_range(0.0f32..40.0);
+            let (cx, cy) = (
+                rng.random_range(10.0f32..22.0),
+                rng.random_range(10.0f32..22.0),
+            );
+            let r = rng.random_range(5.0f32..9.0);
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+                let d = (dx * dx + dy * dy).sqrt();
+                let inside = match k {
+                    0 => d < r,
+                    1 => d < r && d > 0.55 * r,
+                    2 => dx.abs() < 0.85 * r && dy.abs() < 0.85 * r,
+                    _ => dy < 0.7 * r && dy > -r + 2.0 * dx.abs(),
+                };
+                let px = |c: f32| if inside { c } else { background } as u8;
+                image::Rgb(colour.map(px))
+            });
+            img.save(out.join(shape).join(format!("{i:05}.png")))?;
+        }
+    }
+    Ok(4 * per_class)
+}
+
 /// The label dropout of `train-mnist --class-cond` (classifier-free guidance).
 pub const CLASS_DROPOUT: f64 = 0.1;
 

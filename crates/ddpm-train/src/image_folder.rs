@@ -246,8 +246,12 @@ pub fn load_image_folder(dir: &Path, opts: &ImageOptions) -> Result<ImageDataset
         }
     }
     let (labels, names) = labels_of(dir, &files);
+    let labelled = names.is_some();
     let mut data = ImageDataset::from_bytes(bytes, labels, [channels, h, w], names)?;
     data.random_flip = opts.random_flip;
+    if !labelled {
+        data.num_classes = None;
+    }
     Ok(data)
 }
 
