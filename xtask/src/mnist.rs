@@ -67,7 +67,6 @@ pub struct TrainMnistArgs {
     pub download: DownloadArgs,
 }
 
-/// Downloads MNIST if needed, then trains the preset.
 /// Writes a split of the IDX or CIFAR-10 data in `data` as PNGs under `out` (in data order,
 /// named by index; in class sub-folders with `class_folders`); returns how many.
 pub fn export_png(
@@ -103,11 +102,13 @@ pub fn export_png(
         .ok_or_else(|| anyhow::anyhow!("image {i} does not hold {c}x{h}x{w} bytes"))?;
         let dir = if class_folders {
             let label = set.label(i) as usize;
+            // Unnamed classes zero-padded, so that sorting the folder names keeps the labels.
+            let unnamed = format!("{label:03}");
             out.join(
                 names
                     .as_ref()
                     .and_then(|n| n.get(label).cloned())
-                    .unwrap_or(label.to_string()),
+                    .unwrap_or(unnamed),
             )
         } else {
             out.to_path_buf()
@@ -165,6 +166,7 @@ pub fn make_shapes(out: &std::path::Path, per_class: usize, seed: u64) -> Result
 /// The label dropout of `train-mnist --class-cond` (classifier-free guidance).
 pub const CLASS_DROPOUT: f64 = 0.1;
 
+/// Downloads MNIST if needed, then trains the preset.
 pub fn train(args: &TrainMnistArgs) -> Result<()> {
     if args.preset.channels() != 1 {
         anyhow::bail!(
@@ -190,9 +192,12 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     }
     if args.class_cond {
         t.explicit.push("class_cond".into());
-        // A guided model by default: one in ten labels dropped to the null class.
-        t.class_dropout = CLASS_DROPOUT;
-        t.explicit.push("class_dropout".into());
+        // A guided model by default: one in ten labels dropped to the null class (a resumed
+        // run keeps its checkpoint's).
+        if args.resume.is_none() {
+            t.class_dropout = CLASS_DROPOUT;
+            t.explicit.push("class_dropout".into());
+        }
     }
     if args.seed != 0 {
         t.explicit.push("seed".into());

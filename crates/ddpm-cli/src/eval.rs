@@ -110,6 +110,20 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
     if args.per_class == Some(0) {
         bail!("--per-class must be positive");
     }
+    if args.per_class.is_some() {
+        let meta =
+            ddpm_train::CheckpointMeta::<ddpm_unet::UNetConfig>::read(&args.weights.checkpoint)?;
+        if meta.model.num_classes != Some(10) {
+            bail!(
+                "--per-class scores a class-conditional model of the ten digits; the model in {} \
+                 has {}",
+                args.weights.checkpoint.display(),
+                meta.model
+                    .num_classes
+                    .map_or("no classes".to_string(), |k| format!("{k} classes"))
+            );
+        }
+    }
     let samples = generate(&sample_args)?;
     let device = Device::Cpu;
     let clf = Classifier::pretrained(&device)?;
@@ -148,7 +162,7 @@ pub fn run(args: &EvalArgs) -> Result<serde_json::Value> {
         "solver": samples.sampler.name(),
         "samples": gen,
         "real_train_images": real,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": samples.guidance_scale,
         "per_class": per_class,
     });
     if args.quiet {

@@ -1,4 +1,4 @@
-//! `ddpm-cli`: train and sample diffusion models on MNIST-style data.
+//! `ddpm-cli`: train, sample and evaluate diffusion models on MNIST, image folders and CIFAR-10.
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -60,8 +60,9 @@ fn main() -> ExitCode {
             let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
             let at = argv
                 .iter()
+                .skip(1)
                 .position(|a| a == "train")
-                .map_or(argv.len(), |i| i + 1);
+                .map_or(argv.len(), |i| i + 2);
             argv.splice(at..at, preset.flags().into_iter().map(Into::into));
             match Cli::try_parse_from(argv) {
                 Ok(Cli {

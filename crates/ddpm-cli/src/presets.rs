@@ -239,7 +239,8 @@ impl Preset {
         args
     }
 
-    /// The preset's model, diffusion and training settings for 28×28 images.
+    /// The preset's model, diffusion and training settings for the images it is made for
+    /// ([`Self::channels`], [`Self::image_size`]).
     pub fn configs(self) -> anyhow::Result<(UNetConfig, DiffusionSettings, TrainConfig)> {
         let t = self.train_args();
         let model = t.model_config_for(self.channels(), self.image_size(), 10)?;

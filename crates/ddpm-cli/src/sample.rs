@@ -145,6 +145,8 @@ pub struct Samples {
     pub labels: Vec<i64>,
     /// The sampler that drew them.
     pub sampler: SamplingMethod,
+    /// The classifier-free guidance scale used (None: no guidance).
+    pub guidance_scale: Option<f64>,
 }
 
 /// Runs `sample` and writes the requested files.
@@ -313,6 +315,7 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
         images,
         labels,
         sampler,
+        guidance_scale: guidance.map(|(_, s)| s),
     })
 }
 

@@ -29,10 +29,10 @@ pub struct TrainArgs {
     pub image_size: Option<usize>,
     /// Image folders: with --image-size, resize the shorter side and crop the centre square
     /// (without it, the whole image is squeezed to the square).
-    #[arg(long)]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub center_crop: bool,
     /// Flip training images left-right at random (seeded, one draw per step).
-    #[arg(long)]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub random_flip: bool,
     /// Run folder for checkpoints, metrics.jsonl and sample grids.
     #[arg(long, default_value = "runs/mnist")]

@@ -1,4 +1,5 @@
-//! IDX data sets (MNIST, Fashion-MNIST): reading, validation, batching and seeded shuffling.
+//! Image data sets in memory: IDX files (MNIST, Fashion-MNIST) read and validated here, image
+//! folders and CIFAR-10 in [`crate::image_folder`]; batching, flips and seeded shuffling.
 
 use crate::{Result, TrainError};
 use candle_core::{Device, Tensor};
@@ -212,8 +213,7 @@ impl Dataset for ImageDataset {
     }
 }
 
-/// Grayscale images with labels (IDX files: MNIST, Fashion-MNIST), kept as bytes; batches are
-/// scaled to [-1, 1].
+/// Images (grayscale or RGB) with labels, kept as bytes; batches are scaled to [-1, 1].
 #[derive(Debug, Clone)]
 pub struct ImageDataset {
     images: Vec<u8>,

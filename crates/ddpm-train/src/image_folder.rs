@@ -115,10 +115,13 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let entries =
             std::fs::read_dir(&d).map_err(|e| data_err(&d, format!("cannot list: {e}")))?;
         for entry in entries {
-            let path = entry
-                .map_err(|e| data_err(&d, format!("cannot list: {e}")))?
-                .path();
-            if path.is_dir() {
+            let entry = entry.map_err(|e| data_err(&d, format!("cannot list: {e}")))?;
+            let path = entry.path();
+            // Symbolic links to folders are not followed: a link loop would never end.
+            let kind = entry
+                .file_type()
+                .map_err(|e| data_err(&path, format!("cannot read: {e}")))?;
+            if kind.is_dir() {
                 stack.push(path);
             } else if is_image(&path) {
                 out.push(path);
@@ -154,7 +157,14 @@ fn labels_of(dir: &Path, files: &[PathBuf]) -> (Vec<u8>, Option<Vec<String>>) {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            if classes.len() > 1 && classes.len() <= 256 {
+            if classes.len() > 256 {
+                tracing::warn!(
+                    "{}: {} classes is more than the 256 a data set here holds; the images are \
+                     loaded unlabelled",
+                    dir.display(),
+                    classes.len()
+                );
+            } else if classes.len() > 1 {
                 let labels = names
                     .iter()
                     .map(|n| classes.binary_search(n).expect("a known class") as u8)
@@ -197,6 +207,11 @@ pub fn load_image_folder(dir: &Path, opts: &ImageOptions) -> Result<ImageDataset
                 "channels {c}: images are loaded as 1 (grayscale) or 3 (RGB) channels"
             )));
         }
+    }
+    if opts.center_crop && opts.image_size.is_none() {
+        return Err(TrainError::Config(
+            "--center-crop needs --image-size (the size to crop to)".into(),
+        ));
     }
     if opts.image_size == Some(0) {
         return Err(TrainError::Config(
@@ -490,6 +505,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("channels 2"));
+        let crop = ImageOptions {
+            center_crop: true,
+            ..Default::default()
+        };
+        let e = load_image_folder(d.path(), &crop).unwrap_err().to_string();
+        assert!(e.contains("--center-crop needs --image-size"), "{e}");
         let e = detect_format(&d.path().join("missing"))
             .unwrap_err()
             .to_string();
