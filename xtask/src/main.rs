@@ -2,6 +2,7 @@
 //! golden tests and benchmarks).
 
 mod bench;
+mod figures;
 mod golden;
 mod mnist;
 mod reference;
@@ -36,6 +37,10 @@ enum Command {
     DownloadMnist(mnist::DownloadArgs),
     /// Download MNIST if needed and train a diffusion model on it (the main job).
     TrainMnist(mnist::TrainMnistArgs),
+    /// Draw the explainer's figures (forward and reverse processes, DDIM inversion and
+    /// interpolation, steps against quality, the bound term by term) from a trained model into
+    /// docs/figures; the same checkpoint and seed give byte-identical files.
+    Figures(figures::FigureArgs),
     /// Draw a seeded set of 32x32 colour shapes (discs, squares, triangles, rings in random
     /// colours, sizes and places, on dark backgrounds) as PNGs in one folder per shape: a colour
     /// data set to try RGB training on.
@@ -50,8 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Write a split of an IDX or CIFAR-10 data set as PNG files: OUT/00000.png ... (in data
-    /// order), or OUT/<class>/00000.png with --class-folders.
+    /// Write a split of an IDX or CIFAR-10 data set as PNG files: `OUT/00000.png` ... (in data
+    /// order), or `OUT/<class>/00000.png` with --class-folders.
     ExportPng {
         /// The data folder (IDX files or CIFAR-10 batches).
         #[arg(long)]
@@ -179,6 +184,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::TrainMnist(args) => {
             mnist::train(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Figures(args) => {
+            for p in figures::run(&args)? {
+                println!("wrote {}", p.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::MakeShapes {

@@ -26,13 +26,18 @@ pub fn to_u8_nhwc(x: &Tensor) -> Result<(Vec<u8>, [usize; 4])> {
 /// Lays out a batch of images in a grid of about sqrt(N) columns with a 1-pixel border: RGB for
 /// three channels, grayscale otherwise (the first channel).
 pub fn make_grid(x: &Tensor) -> Result<DynamicImage> {
+    let n = x.dim(0)?;
+    make_grid_cols(x, (n as f64).sqrt().ceil().max(1.0) as usize)
+}
+
+/// [`make_grid`] with `cols` columns, filled row by row.
+pub fn make_grid_cols(x: &Tensor, cols: usize) -> Result<DynamicImage> {
     let (bytes, [n, h, w, c]) = to_u8_nhwc(x)?;
-    if n == 0 {
+    if n == 0 || cols == 0 {
         return Err(TrainError::Config(
             "cannot make a grid of zero images".into(),
         ));
     }
-    let cols = (n as f64).sqrt().ceil() as usize;
     let rows = n.div_ceil(cols);
     let (gw, gh) = (cols * (w + 1) + 1, rows * (h + 1) + 1);
     let cell = |i: usize, y: usize, xx: usize| {

@@ -100,6 +100,22 @@ pub fn minutes_at_rows(
     out
 }
 
+/// A tick label: plain for ordinary magnitudes, scientific (1e-5) for very small or large ones
+/// (a log axis would otherwise print 9.999999e-5).
+fn tick_label(y: f64) -> String {
+    let a = y.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-2..1e5).contains(&a) {
+        format!("{y:.0e}")
+    } else if a >= 10.0 {
+        format!("{y:.0}")
+    } else {
+        let s = format!("{y:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 /// Draws one panel: lines over x, on a log y axis when `log_y`.
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
@@ -107,6 +123,7 @@ fn panel(
     x_label: &str,
     lines: &[Series],
     log_y: bool,
+    legend: SeriesLabelPosition,
 ) -> Result<()> {
     // Non-finite values (a diverged checkpoint's score) are left out.
     let lines: Vec<Series> = lines
@@ -141,6 +158,7 @@ fn panel(
                 .configure_mesh()
                 .x_desc(x_label)
                 .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| tick_label(*y))
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(plot_err)?;
@@ -160,6 +178,7 @@ fn panel(
             if lines.len() > 1 {
                 chart
                     .configure_series_labels()
+                    .position(legend.clone())
                     .background_style(WHITE.mix(0.8))
                     .border_style(BLACK)
                     .label_font(("sans-serif", 14))
@@ -180,6 +199,32 @@ fn panel(
             .map_err(plot_err)?);
     }
     Ok(())
+}
+
+/// Draws one chart of lines (name, points) over x, on a log y axis when `log_y`, as a PNG.
+pub fn line_plot(
+    title: &str,
+    x_label: &str,
+    lines: &[(String, Vec<(f64, f64)>)],
+    log_y: bool,
+    out: &Path,
+) -> Result<()> {
+    register_font();
+    let mut buf = vec![255u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        panel(
+            &root,
+            title,
+            x_label,
+            lines,
+            log_y,
+            SeriesLabelPosition::LowerLeft,
+        )?;
+        root.present().map_err(plot_err)?;
+    }
+    save_rgb(buf, out)
 }
 
 fn save_rgb(buf: Vec<u8>, path: &Path) -> Result<()> {
@@ -218,6 +263,7 @@ pub fn loss_plot(rows: &[serde_json::Map<String, serde_json::Value>], out: &Path
             "step",
             &named(&["loss", "mse", "vb"]),
             true,
+            SeriesLabelPosition::MiddleRight,
         )?;
         panel(
             &areas[1],
@@ -225,6 +271,7 @@ pub fn loss_plot(rows: &[serde_json::Map<String, serde_json::Value>], out: &Path
             "step",
             &quarters("mse"),
             true,
+            SeriesLabelPosition::MiddleRight,
         )?;
         panel(
             &areas[2],
@@ -232,8 +279,16 @@ pub fn loss_plot(rows: &[serde_json::Map<String, serde_json::Value>], out: &Path
             "step",
             &quarters("vb"),
             true,
+            SeriesLabelPosition::MiddleRight,
         )?;
-        panel(&areas[3], "learning rate", "step", &named(&["lr"]), false)?;
+        panel(
+            &areas[3],
+            "learning rate",
+            "step",
+            &named(&["lr"]),
+            false,
+            SeriesLabelPosition::MiddleRight,
+        )?;
         root.present().map_err(plot_err)?;
     }
     save_rgb(buf, out)
@@ -296,6 +351,7 @@ pub fn quality_plot(points: &[QualityPoint], title: &str, out: &Path) -> Result<
                 ("real-data floor (same n)".into(), floor),
             ],
             true,
+            SeriesLabelPosition::MiddleRight,
         )?;
         let conf = points
             .iter()
@@ -307,6 +363,7 @@ pub fn quality_plot(points: &[QualityPoint], title: &str, out: &Path) -> Result<
             "minutes of training",
             &[("confident %".into(), conf)],
             false,
+            SeriesLabelPosition::MiddleRight,
         )?;
         root.present().map_err(plot_err)?;
     }
