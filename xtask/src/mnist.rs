@@ -179,7 +179,7 @@ pub fn train(args: &TrainMnistArgs) -> Result<()> {
     }
     download(&args.download)?;
     let name = format!("{:?}", args.preset).to_lowercase();
-    let mut t = args.preset.train_args();
+    let mut t = args.preset.train_args()?;
     t.data = args.download.dir.clone();
     t.out = args
         .out
@@ -243,7 +243,9 @@ mod tests {
     #[test]
     fn every_preset_is_a_valid_recipe_and_base_uses_the_new_one() {
         for preset in Preset::ALL {
-            let t = preset.train_args();
+            let t = preset
+                .train_args()
+                .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
             t.train_config()
                 .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
             preset
@@ -251,7 +253,10 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{preset:?}: {e}"));
             assert!(t.diffusion().to_config(None).is_ok(), "{preset:?}");
         }
-        let (base, classic) = (Preset::Base.train_args(), Preset::Classic.train_args());
+        let (base, classic) = (
+            Preset::Base.train_args().unwrap(),
+            Preset::Classic.train_args().unwrap(),
+        );
         let (b, c) = (
             base.train_config().unwrap(),
             classic.train_config().unwrap(),

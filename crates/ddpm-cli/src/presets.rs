@@ -223,8 +223,8 @@ impl Preset {
     }
 
     /// The preset's settings as `ddpm-cli train` parses them (data and output folders at their
-    /// defaults).
-    pub fn train_args(self) -> TrainArgs {
+    /// defaults; a later flag overrides an earlier one, as on the command line).
+    pub fn train_args(self) -> anyhow::Result<TrainArgs> {
         #[derive(clap::Parser)]
         struct Wrapper {
             #[command(subcommand)]
@@ -232,17 +232,18 @@ impl Preset {
         }
         #[derive(clap::Subcommand)]
         enum Cmd {
+            #[command(args_override_self = true, allow_negative_numbers = true)]
             Train(TrainArgs),
         }
         let argv = ["ddpm-cli", "train"].into_iter().chain(self.flags());
-        let Cmd::Train(args) = <Wrapper as clap::Parser>::parse_from(argv).cmd;
-        args
+        let Cmd::Train(args) = <Wrapper as clap::Parser>::try_parse_from(argv)?.cmd;
+        Ok(args)
     }
 
     /// The preset's model, diffusion and training settings for the images it is made for
     /// ([`Self::channels`], [`Self::image_size`]).
     pub fn configs(self) -> anyhow::Result<(UNetConfig, DiffusionSettings, TrainConfig)> {
-        let t = self.train_args();
+        let t = self.train_args()?;
         let model = t.model_config_for(self.channels(), self.image_size(), 10)?;
         Ok((model, t.diffusion(), t.train_config()?))
     }
