@@ -410,7 +410,10 @@ pub(crate) mod stage {
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VL.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[cfg_attr(
+        target_arch = "x86_64",
+        target_feature(enable = "avx512f,avx512bw,avx512vl")
+    )]
     pub(crate) unsafe fn pairs(x: &[f32], c: usize, g: &Grid, out: &mut Vec<u32>) {
         let (h, w) = g.dims();
         let rows = super::padded_pairs(c);
@@ -446,7 +449,10 @@ pub(crate) mod stage {
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VL.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[cfg_attr(
+        target_arch = "x86_64",
+        target_feature(enable = "avx512f,avx512bw,avx512vl")
+    )]
     pub(crate) unsafe fn unpad(
         q: &[f32],
         c: usize,
@@ -477,7 +483,10 @@ pub(crate) mod stage {
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VL.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[cfg_attr(
+        target_arch = "x86_64",
+        target_feature(enable = "avx512f,avx512bw,avx512vl")
+    )]
     pub(crate) unsafe fn weight_grad_operands(
         x: &[f32],
         dy: &[f32],
