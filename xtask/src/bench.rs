@@ -121,7 +121,7 @@ fn synthetic_data(n: usize) -> ImageDataset {
 /// The kernels our side runs at `precision`, within the benchmark's family limit
 /// (`--isa`, else `DDPM_ISA`), or plain Candle ops with `DDPM_PLAIN_OPS=1`.
 fn our_kernels(opts: &BenchOptions, precision: Precision) -> KernelOptions {
-    let plain = std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty());
+    let plain = ddpm_kernels::plain_ops_from_env();
     KernelOptions {
         precision,
         choice: match opts.isa {

@@ -46,6 +46,11 @@ pub use isa::{isa_from_env, Isa, Kernels, Precision, UnknownIsa, UnknownPrecisio
 use candle_core::{DType, Result, Tensor};
 use std::mem::MaybeUninit;
 
+/// Whether `DDPM_PLAIN_OPS` asks for plain Candle ops (set to anything but empty or "0").
+pub fn plain_ops_from_env() -> bool {
+    std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
 /// Which kernels the ops run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum KernelChoice {
@@ -129,7 +134,7 @@ impl KernelOptions {
         if let Some(limit) = isa_from_env()? {
             self.choice = KernelChoice::UpTo(limit);
         }
-        if std::env::var_os("DDPM_PLAIN_OPS").is_some_and(|v| v != "0" && !v.is_empty()) {
+        if plain_ops_from_env() {
             self.choice = KernelChoice::Plain;
         }
         Ok(self)
