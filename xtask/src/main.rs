@@ -6,6 +6,7 @@ mod figures;
 mod golden;
 mod mnist;
 mod reference;
+mod web;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,6 +34,15 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Build the web page that samples a model in the browser (wasm32 + wasm-bindgen, installed
+    /// when missing) into target/web and serve it on 127.0.0.1.
+    Web(web::WebArgs),
+    /// Sample in headless Chromium from the served page and compare the canvas with
+    /// `ddpm-cli sample` (same model, seed and solver); check the page's error for a file that
+    /// is not a checkpoint; save a screenshot.
+    WebTest(web::WebTestArgs),
+    /// Write a checkpoint's config.json and weights (f16) as the web page's default model.
+    WebModel(web::WebModelArgs),
     /// Fetch MNIST from the canonical mirrors (or --mirror / MNIST_MIRROR), verified by SHA-256.
     DownloadMnist(mnist::DownloadArgs),
     /// Download MNIST if needed and train a diffusion model on it (the main job).
@@ -177,6 +187,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Web(args) => {
+            web::web(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WebTest(args) => {
+            let report = web::web_test(&args)?;
+            let path = args.out.join("report.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            println!(
+                "web-test passed: {} samples in {:.2} s in Chromium, {:.2} s native; canvas vs \
+                 ddpm-cli: max diff {}, mean {:.4}, {:.2}% of values differ; wasm {:.2} MB; \
+                 screenshot {}",
+                args.num,
+                report.browser_seconds,
+                report.native_seconds,
+                report.max_abs_diff,
+                report.mean_abs_diff,
+                100.0 * report.differing,
+                report.wasm_bytes as f64 / 1e6,
+                report.screenshot.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WebModel(args) => {
+            web::web_model(&args)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::DownloadMnist(args) => {
             mnist::download(&args)?;

@@ -1,13 +1,13 @@
 //! `ddpm-cli sample`: PNG grids, npz arrays and GIFs of the denoising chain.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::Args;
 use ddpm_schedule::{
-    randn, ClassifierFreeGuidance, Denoiser, GaussianDiffusion, RngNoise, SamplingMethod,
+    BatchStart, ClassifierFreeGuidance, Denoiser, GaussianDiffusion, SamplingMethod,
 };
 use image::{Delay, Frame, RgbaImage};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 
@@ -124,7 +124,7 @@ pub struct SampleArgs {
 
 /// The guidance scale of a model trained for classifier-free guidance when `--guidance-scale`
 /// is not given.
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 2.0;
+pub const DEFAULT_GUIDANCE_SCALE: f64 = ddpm_schedule::DEFAULT_GUIDANCE_SCALE;
 
 /// What the sampling GIF shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -251,17 +251,9 @@ pub fn generate(args: &SampleArgs) -> Result<Samples> {
     let mut frames: Vec<(Tensor, Tensor)> = Vec::new();
     for bi in 0..batches {
         let n = args.batch_size.min(args.num - bi * args.batch_size);
-        let y: Option<Vec<u32>> = classes.map(|k| {
-            (0..n)
-                .map(|_| args.class.unwrap_or_else(|| rng.random_range(0..k as u32)))
-                .collect()
-        });
-        let y_t = y
-            .as_ref()
-            .map(|v| Tensor::from_vec(v.clone(), n, &device))
-            .transpose()?;
-        let x_t = randn(&mut rng, (n, c, h, w), DType::F32, &device)?;
-        let mut noise = RngNoise(ChaCha8Rng::seed_from_u64(rng.random()));
+        let start = BatchStart::draw(&mut rng, n, (c, h, w), classes, args.class, &device)?;
+        let y_t = start.label_tensor(&device)?;
+        let (y, x_t, mut noise) = (start.labels, start.x_t, start.noise);
         let record = bi == 0 && args.gif.is_some();
         let guided = guidance.map(|(null_label, scale)| ClassifierFreeGuidance {
             model: &loaded.model,

@@ -219,17 +219,21 @@ impl GaussianDiffusion {
 
     /// The same process with Min-SNR-γ weighting of its mse term (γ must be positive).
     pub fn with_snr_gamma(mut self, snr_gamma: Option<f64>) -> Result<Self> {
-        if let Some(g) = snr_gamma {
-            if !(g > 0.0 && g.is_finite()) {
-                return Err(ScheduleError::BadSetting {
-                    what: "snr gamma",
-                    value: g.to_string(),
-                    reason: "must be positive and finite",
-                });
-            }
-        }
+        Self::check_snr_gamma(snr_gamma)?;
         self.snr_gamma = snr_gamma;
         Ok(self)
+    }
+
+    /// Checks a Min-SNR-γ setting: γ must be positive and finite (None: no weighting).
+    pub fn check_snr_gamma(snr_gamma: Option<f64>) -> Result<()> {
+        match snr_gamma {
+            Some(g) if !(g > 0.0 && g.is_finite()) => Err(ScheduleError::BadSetting {
+                what: "snr gamma",
+                value: g.to_string(),
+                reason: "must be positive and finite",
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Builds a process from an already respaced schedule.

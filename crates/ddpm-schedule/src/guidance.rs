@@ -4,6 +4,11 @@
 use crate::Denoiser;
 use candle_core::{Result, Tensor};
 
+/// The guidance scale front ends use for a model trained with label dropout when none is
+/// given: sharper classes than s = 1 at a small cost in variety (README, classifier-free
+/// guidance).
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 2.0;
+
 /// A class-conditional [`Denoiser`] trained with label dropout, sampled with guidance scale `s`:
 /// eps = (1 - s)·eps(x, null) + s·eps(x, y).
 ///

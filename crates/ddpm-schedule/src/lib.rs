@@ -49,6 +49,7 @@ mod noise;
 mod predict;
 mod respace;
 mod sampling;
+mod settings;
 mod solvers;
 mod tables;
 
@@ -58,10 +59,11 @@ pub use diffusion::{
     DiffusionConfig, GaussianDiffusion, LossTerms, LossType, MeanVariance, ModelMeanType,
     ModelVarType, PMeanVariance, PosteriorMeanVariance,
 };
-pub use guidance::ClassifierFreeGuidance;
-pub use noise::{randn, FixedNoise, NoiseSource, RngNoise};
+pub use guidance::{ClassifierFreeGuidance, DEFAULT_GUIDANCE_SCALE};
+pub use noise::{randn, BatchStart, FixedNoise, NoiseSource, RngNoise};
 pub use respace::{logsnr_timesteps, space_timesteps, SpacedSchedule, LOGSNR_NOISE_FLOOR};
 pub use sampling::{BpdTerms, SampleStep, SamplingMethod, StepOutput};
+pub use settings::DiffusionSettings;
 pub use tables::Schedule;
 
 /// Errors raised while building schedules or running the diffusion process.
@@ -109,6 +111,9 @@ pub enum ScheduleError {
         /// The accepted values.
         expected: &'static str,
     },
+    /// Settings that contradict each other.
+    #[error("{0}")]
+    Conflict(&'static str),
     /// A setting whose value is out of its range.
     #[error("{what} {value} {reason}")]
     BadSetting {

@@ -98,7 +98,7 @@ impl<C: ModelConfig> CheckpointMeta<C> {
         // value is blamed on this file rather than on a sampling flag.
         meta.diffusion
             .to_config(Some(""))
-            .and_then(|c| Ok(ddpm_schedule::GaussianDiffusion::new(&c)?))
+            .and_then(|c| ddpm_schedule::GaussianDiffusion::new(&c))
             .map_err(|e| bad(format!("diffusion settings: {e}")))?;
         Ok(meta)
     }

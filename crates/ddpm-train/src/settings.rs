@@ -2,7 +2,7 @@
 
 use crate::timestep_sampler::TimestepSampling;
 use crate::{Result, TrainError};
-use ddpm_schedule::{BetaSchedule, DiffusionConfig, LossType, ModelMeanType, ModelVarType};
+pub use ddpm_schedule::DiffusionSettings;
 use serde::{Deserialize, Serialize};
 
 fn is_zero(v: &f64) -> bool {
@@ -29,108 +29,6 @@ mod by_name {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
-    }
-}
-
-/// The diffusion flags of the original's `create_gaussian_diffusion`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiffusionSettings {
-    /// Number of diffusion steps T.
-    pub diffusion_steps: usize,
-    /// The beta schedule ("linear" or "cosine" in config.json).
-    #[serde(with = "by_name")]
-    pub noise_schedule: BetaSchedule,
-    /// Learn the variance (learned-range sigma; the model outputs 2·C channels).
-    pub learn_sigma: bool,
-    /// With a fixed variance, use the posterior variance instead of beta.
-    pub sigma_small: bool,
-    /// Train on the variational bound (rescaled KL).
-    pub use_kl: bool,
-    /// Predict x_0 instead of eps.
-    pub predict_xstart: bool,
-    /// With mse and learned sigma: the vb term scaled by T/1000 (the hybrid loss).
-    pub rescale_learned_sigmas: bool,
-    /// Respacing used when sampling ("" = every step).
-    pub timestep_respacing: String,
-    /// Predict the velocity v (Salimans & Ho 2022) instead of eps.
-    #[serde(default)]
-    pub predict_v: bool,
-    /// Min-SNR-γ weighting of the mse term (Hang et al. 2023; None: unweighted).
-    #[serde(default)]
-    pub snr_gamma: Option<f64>,
-}
-
-impl Default for DiffusionSettings {
-    /// Improved DDPM's MNIST recipe: cosine schedule, 1000 steps, learned-range sigma, hybrid loss.
-    fn default() -> Self {
-        Self {
-            diffusion_steps: 1000,
-            noise_schedule: BetaSchedule::Cosine,
-            learn_sigma: true,
-            sigma_small: false,
-            use_kl: false,
-            predict_xstart: false,
-            rescale_learned_sigmas: true,
-            timestep_respacing: String::new(),
-            predict_v: false,
-            snr_gamma: None,
-        }
-    }
-}
-
-impl DiffusionSettings {
-    /// The process these flags describe, with `respacing` overriding the stored respacing.
-    pub fn to_config(&self, respacing: Option<&str>) -> Result<DiffusionConfig> {
-        let loss_type = if self.use_kl {
-            LossType::RescaledKl
-        } else if self.rescale_learned_sigmas {
-            LossType::RescaledMse
-        } else {
-            LossType::Mse
-        };
-        let model_var_type = match (self.learn_sigma, self.sigma_small) {
-            (true, _) => ModelVarType::LearnedRange,
-            (false, true) => ModelVarType::FixedSmall,
-            (false, false) => ModelVarType::FixedLarge,
-        };
-        if self.predict_v && self.predict_xstart {
-            return Err(TrainError::Config(
-                "predict_v and predict_xstart exclude each other: the model predicts one thing"
-                    .into(),
-            ));
-        }
-        if let Some(g) = self.snr_gamma {
-            if !(g > 0.0 && g.is_finite()) {
-                return Err(TrainError::Config(format!(
-                    "snr gamma {g} must be positive and finite"
-                )));
-            }
-        }
-        Ok(DiffusionConfig {
-            beta_schedule: self.noise_schedule,
-            num_timesteps: self.diffusion_steps,
-            respacing: respacing.unwrap_or(&self.timestep_respacing).to_string(),
-            model_mean_type: if self.predict_xstart {
-                ModelMeanType::StartX
-            } else if self.predict_v {
-                ModelMeanType::V
-            } else {
-                ModelMeanType::Epsilon
-            },
-            model_var_type,
-            loss_type,
-            snr_gamma: self.snr_gamma,
-        })
-    }
-
-    /// Output channels the model needs for `in_channels` image channels.
-    pub fn out_channels(&self, in_channels: usize) -> usize {
-        if self.learn_sigma {
-            2 * in_channels
-        } else {
-            in_channels
-        }
     }
 }
 
@@ -407,38 +305,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flags_map_to_the_original_process() {
-        let d = DiffusionSettings::default().to_config(None).unwrap();
-        assert_eq!(d.loss_type, LossType::RescaledMse);
-        assert_eq!(d.model_var_type, ModelVarType::LearnedRange);
-        let s = DiffusionSettings {
-            learn_sigma: false,
-            sigma_small: true,
-            use_kl: true,
-            predict_xstart: true,
-            ..Default::default()
-        };
-        let d = s.to_config(Some("ddim10")).unwrap();
-        assert_eq!(
-            (d.loss_type, d.model_var_type, d.model_mean_type),
-            (
-                LossType::RescaledKl,
-                ModelVarType::FixedSmall,
-                ModelMeanType::StartX
-            )
-        );
-        assert_eq!(d.respacing, "ddim10");
-        let e = serde_json::from_str::<DiffusionSettings>(
-            &serde_json::to_string(&DiffusionSettings::default())
-                .unwrap()
-                .replace("\"cosine\"", "\"quad\""),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("unknown beta schedule \"quad\""), "{e}");
-    }
-
-    #[test]
     fn lr_schedules_follow_their_formulas() {
         let c = |schedule, anneal, warm| TrainConfig {
             lr: 2e-4,
@@ -521,35 +387,5 @@ mod tests {
         }))
         .contains("inv_gamma 0"));
         TrainConfig::default().validate().unwrap();
-        let both = DiffusionSettings {
-            predict_v: true,
-            predict_xstart: true,
-            ..Default::default()
-        };
-        assert!(both
-            .to_config(None)
-            .unwrap_err()
-            .to_string()
-            .contains("predict_v"));
-        let bad_gamma = DiffusionSettings {
-            snr_gamma: Some(-5.0),
-            ..Default::default()
-        };
-        assert!(bad_gamma
-            .to_config(None)
-            .unwrap_err()
-            .to_string()
-            .contains("snr gamma -5"));
-        let v = DiffusionSettings {
-            predict_v: true,
-            snr_gamma: Some(5.0),
-            ..Default::default()
-        }
-        .to_config(None)
-        .unwrap();
-        assert_eq!(
-            (v.model_mean_type, v.snr_gamma),
-            (ModelMeanType::V, Some(5.0))
-        );
     }
 }
