@@ -414,6 +414,11 @@ pub const MAX_MEAN_DIFF: f64 = 0.01;
 /// `cargo xtask web-test`.
 pub fn web_test(args: &WebTestArgs) -> Result<WebTestReport> {
     use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
+    ensure!(
+        args.chromium.exists(),
+        "{} not found: install Chromium (Debian: apt-get install chromium) or give --chromium",
+        args.chromium.display()
+    );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = std::path::absolute(&args.out)?;
@@ -453,11 +458,6 @@ pub fn web_test(args: &WebTestArgs) -> Result<WebTestReport> {
     ddpm_cli::sample::generate(&sample.args)?;
     let native_seconds = t0.elapsed().as_secs_f64();
 
-    ensure!(
-        args.chromium.exists(),
-        "{} not found: install Chromium (Debian: apt-get install chromium) or give --chromium",
-        args.chromium.display()
-    );
     let profile = tempfile::tempdir()?;
     let browser = headless_chrome::Browser::new(headless_chrome::LaunchOptions {
         path: Some(args.chromium.clone()),

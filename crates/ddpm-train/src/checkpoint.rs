@@ -191,6 +191,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("is not a checkpoint folder"), "{e}");
+        // A file given where the folder belongs is named as such, not as a damaged checkpoint.
+        let file = d.path().join("weights.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let Err(e) = load_model(&file, None, Default::default(), &candle_core::Device::Cpu) else {
+            panic!("a file loaded as a checkpoint");
+        };
+        let e = e.to_string();
+        assert!(e.contains("is a file, not a checkpoint folder"), "{e}");
         std::fs::write(d.path().join(CONFIG_FILE), "{\"model\": 3}").unwrap();
         assert!(CheckpointMeta::<ddpm_unet::UNetConfig>::read(d.path()).is_err());
     }

@@ -99,6 +99,12 @@ fn write_manifest(dir: &Path) -> Result<()> {
 /// A folder without a manifest (written before manifests existed, like the golden model) is
 /// accepted as it is; one whose manifest is unreadable or disagrees is named as damaged.
 pub fn verify_checkpoint(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} is a file, not a checkpoint folder (give a checkpoint-N folder)",
+            dir.display()
+        )));
+    }
     let path = dir.join(MANIFEST_FILE);
     let damaged =
         |what: String| TrainError::Checkpoint(format!("{} is damaged: {what}", dir.display()));
