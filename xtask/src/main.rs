@@ -194,8 +194,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::WebTest(args) => {
             let report = web::web_test(&args)?;
-            let path = args.out.join("report.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
             println!(
                 "web-test passed: {} samples in {:.2} s in Chromium, {:.2} s native; canvas vs \
                  ddpm-cli: max diff {}, mean {:.4}, {:.2}% of values differ; wasm {:.2} MB; \

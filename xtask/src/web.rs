@@ -31,8 +31,8 @@ pub struct WebArgs {
     /// first EMA).
     #[arg(long)]
     pub ema: Option<String>,
-    /// Where to build the site.
-    #[arg(long, default_value = "target/web")]
+    /// Where to build the site (a folder this command built before is replaced).
+    #[arg(long, default_value_os_t = crate::workspace_root().join("target/web"))]
     pub out: PathBuf,
     /// Port on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 8000)]
@@ -46,7 +46,7 @@ pub struct WebArgs {
 #[derive(Debug, Clone, Args)]
 pub struct WebTestArgs {
     /// Where the site, the screenshot and the reference grid go.
-    #[arg(long, default_value = "target/web-test")]
+    #[arg(long, default_value_os_t = crate::workspace_root().join("target/web-test"))]
     pub out: PathBuf,
     /// The Chromium (or Chrome) binary.
     #[arg(long, env = "CHROMIUM", default_value = "/usr/bin/chromium")]
@@ -185,6 +185,32 @@ fn checked_weights(checkpoint: &Path, ema: Option<&str>) -> Result<PathBuf> {
     Ok(checkpoint.join(format!("{}.safetensors", loaded.weights)))
 }
 
+/// The file that marks a folder as a site built here, so that a rebuild may replace it.
+const SITE_MARKER: &str = ".ddpm-web-site";
+
+/// Empties `out` for a new build: only a folder this command built (it has [`SITE_MARKER`]),
+/// an empty folder, or none at all; anything else is refused, not deleted.
+fn clear_site(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    ensure!(
+        out.is_dir(),
+        "--out {} is a file, not a folder",
+        out.display()
+    );
+    let empty = std::fs::read_dir(out)?.next().is_none();
+    if !empty {
+        ensure!(
+            out.join(SITE_MARKER).exists(),
+            "--out {} holds files this command did not build; give a new or empty folder",
+            out.display()
+        );
+        std::fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
+    }
+    Ok(())
+}
+
 /// What a build produced.
 pub struct Site {
     /// The folder to serve.
@@ -213,11 +239,10 @@ pub fn build(checkpoint: &Path, ema: Option<&str>, out: &Path) -> Result<Site> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let wasm = target_dir.join("wasm32-unknown-unknown/wasm/ddpm_web.wasm");
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
-    }
+    clear_site(out)?;
     std::fs::create_dir_all(out.join("model"))
         .with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join(SITE_MARKER), "built by cargo xtask web\n")?;
     run(Command::new(&bindgen)
         .args(["--target", "web", "--no-typescript", "--out-dir"])
         .arg(out.join("pkg"))
@@ -302,22 +327,32 @@ impl Drop for Server {
     }
 }
 
-fn respond(dir: &Path, request: tiny_http::Request) -> std::io::Result<()> {
-    let url = request.url().split(['?', '#']).next().unwrap_or("/");
+/// The file under `dir` a request for `url` names: plain names only (no "..", root, drive or
+/// backslash), so nothing outside `dir`; "/" is index.html; query and fragment are ignored.
+fn site_path(dir: &Path, url: &str) -> Option<PathBuf> {
+    let url = url.split(['?', '#']).next().unwrap_or("/");
     let rel = url.trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
-    let safe = rel
-        .split('/')
-        .all(|part| !part.is_empty() && part != ".." && part != ".");
-    let path = dir.join(rel);
+    let safe = !rel.contains(['\\', ':'])
+        && rel.split('/').all(|part| !part.is_empty())
+        && Path::new(rel)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    safe.then(|| dir.join(rel))
+}
+
+fn respond(dir: &Path, request: tiny_http::Request) -> std::io::Result<()> {
     let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k, v).expect("ASCII header");
-    match (safe, std::fs::read(&path)) {
-        (true, Ok(bytes)) => request.respond(
+    let found = site_path(dir, request.url()).and_then(|p| Some((std::fs::read(&p).ok()?, p)));
+    match found {
+        Some((bytes, path)) => request.respond(
             tiny_http::Response::from_data(bytes)
                 .with_header(header("Content-Type", content_type(&path)))
                 .with_header(header("Cache-Control", "no-store")),
         ),
-        _ => request.respond(tiny_http::Response::from_string("not found").with_status_code(404)),
+        None => {
+            request.respond(tiny_http::Response::from_string("not found").with_status_code(404))
+        }
     }
 }
 
@@ -346,6 +381,13 @@ pub fn web(args: &WebArgs) -> Result<()> {
 /// as the page's default model.
 pub fn web_model(args: &WebModelArgs) -> Result<()> {
     let weights = checked_weights(&args.checkpoint, args.ema.as_deref())?;
+    if let (Ok(a), Ok(b)) = (args.checkpoint.canonicalize(), args.out.canonicalize()) {
+        ensure!(
+            a != b,
+            "--out {} is the checkpoint itself; give another folder",
+            args.out.display()
+        );
+    }
     let tensors = ddpm_unet::read_safetensors(&weights)?;
     let half = tensors
         .into_iter()
@@ -353,6 +395,14 @@ pub fn web_model(args: &WebModelArgs) -> Result<()> {
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    // One weights file: an older one left beside the new config would be served instead.
+    for entry in std::fs::read_dir(&args.out)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
     let name = weights.file_name().context("weights file name")?;
     ddpm_unet::write_safetensors(&half, &args.out.join(name))?;
     std::fs::copy(
@@ -555,6 +605,11 @@ pub fn web_test(args: &WebTestArgs) -> Result<WebTestReport> {
         screenshot,
     };
     eprintln!("{report:#?}");
+    // Written before the verdict, so a failing run leaves its numbers too.
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     ensure!(
         report.max_abs_diff <= MAX_PIXEL_DIFF && report.mean_abs_diff <= MAX_MEAN_DIFF,
         "the page's samples differ from ddpm-cli's: max {} (allowed {MAX_PIXEL_DIFF}), mean {:.3} \
@@ -618,4 +673,51 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_serves_plain_names_under_its_folder_only() {
+        let d = Path::new("/site");
+        assert_eq!(site_path(d, "/"), Some(d.join("index.html")));
+        assert_eq!(site_path(d, "/?seed=3&auto=1"), Some(d.join("index.html")));
+        assert_eq!(
+            site_path(d, "/pkg/ddpm_web.js#x"),
+            Some(d.join("pkg/ddpm_web.js"))
+        );
+        for bad in [
+            "/../etc/passwd",
+            "/pkg/../../x",
+            "/./index.html",
+            "/a\\..\\b",
+            "/C:/x",
+            "/pkg//x",
+        ] {
+            assert_eq!(site_path(d, bad), None, "{bad}");
+        }
+        assert_eq!(content_type(Path::new("a.wasm")), "application/wasm");
+        assert!(content_type(Path::new("m.js")).starts_with("text/javascript"));
+    }
+
+    #[test]
+    fn a_rebuild_replaces_only_a_folder_it_built() {
+        let d = tempfile::tempdir().unwrap();
+        let theirs = d.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::write(theirs.join("notes.txt"), "keep me").unwrap();
+        let e = clear_site(&theirs).unwrap_err().to_string();
+        assert!(e.contains("did not build"), "{e}");
+        assert!(theirs.join("notes.txt").exists());
+        let ours = d.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::write(ours.join(SITE_MARKER), "").unwrap();
+        std::fs::write(ours.join("index.html"), "old").unwrap();
+        clear_site(&ours).unwrap();
+        assert!(!ours.exists());
+        clear_site(&d.path().join("new")).unwrap();
+        assert!(clear_site(&theirs.join("notes.txt")).is_err());
+    }
 }

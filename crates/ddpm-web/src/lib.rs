@@ -121,7 +121,7 @@ pub struct SampleRequest {
 }
 
 impl Default for SampleRequest {
-    /// 16 samples, seed 0, 20 DDPM steps: `ddpm-cli sample`'s defaults.
+    /// 16 samples, seed 0, 20 DDPM steps (`ddpm-cli sample`'s solver and steps).
     fn default() -> Self {
         Self {
             num: 16,
@@ -184,6 +184,14 @@ impl WebModel {
             .validate()
             .and_then(|()| config.model.validate_image_size(h, w))
             .map_err(|e| WebError::Config(e.to_string()))?;
+        if let (Some(names), Some(k)) = (&config.class_names, config.model.num_classes) {
+            if names.len() != k {
+                return Err(WebError::Config(format!(
+                    "{} class names for a model of {k} classes",
+                    names.len()
+                )));
+            }
+        }
         let expected = config.diffusion.out_channels(config.model.in_channels);
         if config.model.out_channels != expected {
             return Err(WebError::Config(format!(
@@ -303,7 +311,17 @@ impl WebModel {
         };
         let mut failed = None;
         let out = diffusion.sample_loop(
-            |x: &Tensor, ts: &Tensor| model.denoise(x, ts, y.as_ref(), false),
+            |x: &Tensor, ts: &Tensor| {
+                // NaN weights would end as black images; stop with an error instead, as the CLI.
+                let out = model.denoise(x, ts, y.as_ref(), false)?;
+                let sum = out.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !sum.is_finite() {
+                    candle_core::bail!(
+                        "the model's output is not finite; the weights may hold NaN or infinite values"
+                    );
+                }
+                Ok(out)
+            },
             x_t,
             request.method,
             true,

@@ -252,3 +252,27 @@ fn requests_the_model_cannot_serve_are_refused() {
     })
     .contains("finite"));
 }
+
+#[test]
+fn class_names_that_do_not_fit_and_nan_weights_are_errors() {
+    let mut v: serde_json::Value = serde_json::from_str(&config_text()).unwrap();
+    v["class_names"] = serde_json::json!(["zero", "one"]);
+    let e = err(WebModel::from_bytes(&v.to_string(), &weights()));
+    assert!(e.contains("2 class names for a model of 10 classes"), "{e}");
+
+    let mut tensors = candle_core::safetensors::load_buffer(&weights(), &Device::Cpu).unwrap();
+    let w = &tensors["out.2.weight"];
+    let nan = Tensor::full(f32::NAN, w.dims(), &Device::Cpu).unwrap();
+    tensors.insert("out.2.weight".into(), nan);
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("nan.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let m = WebModel::from_bytes(&config_text(), &std::fs::read(&path).unwrap()).unwrap();
+    let req = SampleRequest {
+        num: 1,
+        steps: 2,
+        ..Default::default()
+    };
+    let e = err(m.sample(&req, |_| {}));
+    assert!(e.contains("not finite"), "{e}");
+}

@@ -3,6 +3,7 @@
 // guidance); auto=1 samples as soon as the model is loaded. document.body.dataset.state tells a
 // test where the page is: loading, ready, sampling, done or error.
 const $ = (id) => document.getElementById(id);
+const DEFAULT_SOURCE = 'The default model';
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
 const params = new URLSearchParams(location.search);
 let info = null;
@@ -10,6 +11,8 @@ let forwardImage = null;
 let forwardPending = false;
 let forwardWanted = null;
 let autoSample = params.get('auto') === '1';
+let modelSource = '';
+let sampling = false;
 
 for (const id of ['num', 'seed', 'steps', 'solver', 'guidance']) {
   if (params.has(id)) $(id).value = params.get(id);
@@ -34,14 +37,17 @@ function describe(i, source) {
 
 function onLoaded(newInfo, source) {
   info = newInfo;
+  modelSource = source;
   $('model-info').textContent = describe(info, source);
   const select = $('class');
   select.replaceChildren(new Option('random', '-1'));
   for (let c = 0; c < (info.num_classes || 0); c++) {
-    const name = info.class_names ? info.class_names[c] : String(c);
+    const name = info.class_names && info.class_names[c] !== undefined ? info.class_names[c] : String(c);
     select.add(new Option(name, String(c)));
   }
-  if (params.has('class')) select.value = params.get('class');
+  // The URL's class applies to the model the page opens with, not to one picked later.
+  if (params.has('class') && source === DEFAULT_SOURCE) select.value = params.get('class');
+  if (select.selectedIndex < 0) select.value = '-1';
   $('class-label').hidden = !info.num_classes;
   $('guidance-label').hidden = !info.guided;
   if (info.guided && !params.has('guidance')) $('guidance').value = info.default_guidance_scale;
@@ -57,11 +63,13 @@ function sample() {
   const num = Number($('num').value);
   const seed = Number($('seed').value);
   const steps = Number($('steps').value);
-  if (!Number.isInteger(num) || num < 1 || num > 256) return showError('Samples must be a whole number from 1 to 256.');
-  if (!Number.isInteger(seed) || seed < 0 || seed > 4294967295) return showError('The seed must be a whole number from 0 to 4294967295.');
-  if (!Number.isInteger(steps) || steps < 1) return showError('Steps must be a whole number, 1 or more.');
+  if ($('num').value === '' || !Number.isInteger(num) || num < 1 || num > 64) return showError('Samples must be a whole number from 1 to 64.');
+  if ($('seed').value === '' || !Number.isInteger(seed) || seed < 0 || seed > 4294967295) return showError('The seed must be a whole number from 0 to 4294967295.');
+  if ($('steps').value === '' || !Number.isInteger(steps) || steps < 1) return showError('Steps must be a whole number, 1 or more.');
   const guidance = info.guided ? Number($('guidance').value) : NaN;
+  if (info.guided && ($('guidance').value === '' || !(guidance >= 0))) return showError('The guidance scale must be a number, 0 or more.');
   $('sample').disabled = true;
+  sampling = true;
   $('error').textContent = '';
   $('progress').value = 0;
   $('status').textContent = 'starting…';
@@ -89,7 +97,7 @@ function loadForwardDigit() {
 }
 
 function requestForward() {
-  if (!forwardImage || !info) return;
+  if (!forwardImage || !info || document.body.dataset.state === 'loading') return;
   const t = Number($('t').value);
   $('t-value').textContent = String(t);
   if (forwardPending) { forwardWanted = t; return; }
@@ -113,6 +121,7 @@ worker.onmessage = (event) => {
     $('status').textContent = `${r.num} samples, ${r.steps} ${r.solver} steps in ${seconds} s`;
     window.ddpmResult = { ms: m.ms, width: m.width, height: m.height, request: r };
     $('sample').disabled = false;
+    sampling = false;
     setState('done');
     if (info.channels !== 1 || info.height !== 28 || info.width !== 28) {
       // The first sample, from the grid (one pixel of border), as the forward panel's image.
@@ -125,12 +134,22 @@ worker.onmessage = (event) => {
     }
   } else if (m.kind === 'forward') {
     forwardPending = false;
+    $('forward-error').textContent = '';
     draw($('forward'), info.width + 2, info.height + 2, m.rgba);
     if (forwardWanted !== null) { forwardWanted = null; requestForward(); }
+  } else if (m.kind === 'error' && m.request === 'forward') {
+    // The slider's own trouble: shown under it, leaving sampling and the page's state alone.
+    forwardPending = false;
+    forwardWanted = null;
+    $('forward-error').textContent = m.message;
   } else if (m.kind === 'error') {
-    if (m.request === 'forward') forwardPending = false;
-    $('sample').disabled = !info;
-    $('status').textContent = '';
+    if (m.request === 'load' && info) {
+      // The model loaded before stays loaded and usable.
+      $('model-info').textContent = describe(info, modelSource);
+    }
+    if (m.request === 'sample') sampling = false;
+    $('sample').disabled = !info || sampling;
+    if (!sampling) $('status').textContent = '';
     showError(m.message);
   }
 };
@@ -141,17 +160,31 @@ $('t').addEventListener('input', requestForward);
 
 $('files').addEventListener('change', async () => {
   const files = Array.from($('files').files);
+  // Picking the same files again must fire 'change' again.
+  $('files').value = '';
   const config = files.find((f) => f.name.endsWith('.json'));
   const weights = files.find((f) => !f.name.endsWith('.json'));
   if (files.length !== 2 || !config || !weights) {
     return showError('Pick two files together: the checkpoint\'s config.json and its weights (.safetensors).');
   }
+  if (sampling) return showError('Wait for the sampling to finish before loading another model.');
   $('error').textContent = '';
+  $('forward-error').textContent = '';
   $('model-info').textContent = `Loading ${config.name} and ${weights.name}…`;
+  $('sample').disabled = true;
+  forwardImage = null;
+  forwardWanted = null;
   setState('loading');
-  const buffer = await weights.arrayBuffer();
-  worker.postMessage({ kind: 'load', config: await config.text(), weights: buffer,
-    source: `${config.name} + ${weights.name}` }, [buffer]);
+  try {
+    const text = await config.text();
+    const buffer = await weights.arrayBuffer();
+    worker.postMessage({ kind: 'load', config: text, weights: buffer,
+      source: `${config.name} + ${weights.name}` }, [buffer]);
+  } catch (err) {
+    if (info) $('model-info').textContent = describe(info, modelSource);
+    $('sample').disabled = !info;
+    showError(`cannot read the picked files: ${err.message || err}`);
+  }
 });
 
 async function loadDefault() {
@@ -160,7 +193,7 @@ async function loadDefault() {
       fetch('model/config.json').then((r) => { if (!r.ok) throw new Error(`model/config.json: HTTP ${r.status}`); return r.text(); }),
       fetch('model/weights.safetensors').then((r) => { if (!r.ok) throw new Error(`model/weights.safetensors: HTTP ${r.status}`); return r.arrayBuffer(); }),
     ]);
-    worker.postMessage({ kind: 'load', config, weights, source: 'The default model' }, [weights]);
+    worker.postMessage({ kind: 'load', config, weights, source: DEFAULT_SOURCE }, [weights]);
   } catch (err) {
     showError(`cannot load the default model: ${err.message}`);
   }
